@@ -1,0 +1,1 @@
+"""Measurement: latency, memory, leakage, quality, reports; testbed/ holds the digits world."""

@@ -1,0 +1,198 @@
+"""Concept leakage and preservation, measured by a judge on images a model generates.
+
+A generator is any callable `generate(prompts: list[str], seed: int) -> np.ndarray` returning
+(N, H, W, C) or (N, H, W) floats in [0, 1], one image per prompt, so the same numbers can be
+taken from a PyTorch pipeline, an ONNX Runtime session or anything else that draws images.
+A judge classifies images into named classes; judges are looked up by name in an explicit
+registry (`@register_judge`), because concept files name the judge that scores them.
+
+    judge = get_judge("digits")
+    scores = evaluate_concepts(diffusers_generator(pipe), judge, {"7": ["seven"]}, {"1": ["one"]}, 4, 0)
+    stage_entry.update(scores.to_report())
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Generator = Callable[[list[str], int], np.ndarray]
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 5.0  # the digits-world recipe value; see toolchain/assets/digits-sd/README.md
+
+
+class Judge(Protocol):
+    """What a leakage judge provides (see benchmarks/testbed/judge.py for the digits judge)."""
+
+    name: str
+    classes: tuple[str, ...]
+
+    def classify(self, images: np.ndarray) -> Any:  # -> object with .labels (N,) and .probs (N, K)
+        ...
+
+    def features(self, images: np.ndarray) -> np.ndarray:  # (N, D) for judge-feature FID
+        ...
+
+
+_JUDGES: dict[str, Callable[[], Judge]] = {}
+_LOADED: dict[str, Judge] = {}
+
+
+def register_judge(name: str):
+    """Decorator registering a zero-argument judge factory under `name`."""
+
+    def decorate(factory: Callable[[], Judge]) -> Callable[[], Judge]:
+        if name in _JUDGES:
+            raise ValueError(f"judge {name!r} is already registered")
+        _JUDGES[name] = factory
+        return factory
+
+    return decorate
+
+
+def judge_names() -> list[str]:
+    return sorted(_JUDGES)
+
+
+def get_judge(name: str) -> Judge:
+    """The judge registered as `name`, built once per process."""
+    if name not in _JUDGES:
+        raise KeyError(f"unknown judge {name!r}; registered judges: {', '.join(judge_names())}")
+    if name not in _LOADED:
+        _LOADED[name] = _JUDGES[name]()
+    return _LOADED[name]
+
+
+@register_judge("digits")
+def _digits_judge() -> Judge:
+    from benchmarks.testbed.judge import load_judge
+
+    return load_judge()
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def diffusers_generator(
+    pipe,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    batch_size: int = 64,
+    height: int | None = None,
+    width: int | None = None,
+) -> Generator:
+    """Wrap a diffusers text-to-image pipeline as a `Generator`.
+
+    All initial latents of a call come from one CPU torch.Generator seeded with `seed`, in prompt
+    order, so image i depends only on (seed, i, prompt) and not on `batch_size`.
+    """
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    h = height or pipe.unet.config.sample_size * vae_scale
+    w = width or pipe.unet.config.sample_size * vae_scale
+
+    def generate(prompts: list[str], seed: int) -> np.ndarray:
+        shape = (len(prompts), pipe.unet.config.in_channels, h // vae_scale, w // vae_scale)
+        latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                images = pipe(
+                    prompt=batch,
+                    latents=latents[start : start + len(batch)].to(pipe.device, pipe.unet.dtype),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    height=h,
+                    width=w,
+                    output_type="np",
+                ).images
+                out.append(np.asarray(images, dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.float32)
+
+    return generate
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def leakage_rate(images: np.ndarray, judge: Judge, label: str) -> float:
+    """Share of `images` the judge classifies as `label` (1.0 = the concept fully present)."""
+    if len(images) == 0:
+        raise ValueError("leakage_rate needs at least one image")
+    return float((judge.classify(images).labels == str(label)).mean())
+
+
+def retain_accuracy(images: np.ndarray, labels, judge: Judge) -> float:
+    """Share of `images` the judge classifies as their prompted label (labels: (N,))."""
+    truth = np.asarray([str(label) for label in labels])
+    if len(truth) != len(images):
+        raise ValueError(f"{len(images)} images but {len(truth)} labels")
+    return float((judge.classify(images).labels == truth).mean())
+
+
+@dataclass
+class ConceptScores:
+    """Leakage per erased label, accuracy on retained labels, judge FID of retained images."""
+
+    leakage: dict[str, float]
+    retain_accuracy: float
+    per_label_accuracy: dict[str, float]
+    fid: float | None
+    n_images: int
+
+    def to_report(self) -> dict[str, Any]:
+        """The keys of a report.json stage entry."""
+        return {"leakage": dict(self.leakage), "retain_accuracy": self.retain_accuracy, "fid": self.fid}
+
+
+def evaluate_concepts(
+    generate: Generator,
+    judge: Judge,
+    erase: dict[str, list[str]],
+    retain: dict[str, list[str]],
+    n_per_prompt: int,
+    seed: int,
+    real_images: np.ndarray | None = None,
+) -> ConceptScores:
+    """Generate `n_per_prompt` images for every erase and retain prompt and judge them.
+
+    One `generate` call for all prompts (the generator batches). leakage[label]: share of the
+    erased label's images judged as it; per_label_accuracy: the same share for every label, erased
+    or retained; retain_accuracy: over all retained images. fid: judge FID of the retained images
+    against `real_images`, or against the judge's own real reference digits of the retained labels
+    when it has `reference_images`; None when neither exists or there are fewer than 2 images.
+    """
+    prompts, labels = [], []
+    for label, label_prompts in list(erase.items()) + list(retain.items()):
+        for prompt in label_prompts:
+            prompts += [prompt] * n_per_prompt
+            labels += [str(label)] * n_per_prompt
+    images = generate(prompts, seed)
+    if len(images) != len(prompts):
+        raise ValueError(f"generator returned {len(images)} images for {len(prompts)} prompts")
+    judged = judge.classify(images).labels
+    labels_a = np.asarray(labels)
+    per_label = {lab: float((judged[labels_a == lab] == lab).mean()) for lab in dict.fromkeys(labels)}
+    leakage = {str(lab): per_label[str(lab)] for lab in erase}
+    retained = np.isin(labels_a, [str(lab) for lab in retain])
+    retain_acc = float((judged[retained] == labels_a[retained]).mean()) if retained.any() else float("nan")
+
+    fid = None
+    if real_images is None and hasattr(judge, "reference_images") and retained.any():
+        real_images = judge.reference_images([str(lab) for lab in retain])
+    if real_images is not None and retained.sum() >= 2 and len(real_images) >= 2:
+        from benchmarks.quality import judge_fid
+
+        fid = judge_fid(images[retained], real_images, judge)
+    scores = ConceptScores(leakage, retain_acc, per_label, fid, len(images))
+    logger.info("leakage %s, retain accuracy %.3f, fid %s", leakage, retain_acc, fid)
+    return scores

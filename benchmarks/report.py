@@ -1,0 +1,62 @@
+"""The run's report: `report.json` (the versioned contract in DESIGN.md) and `report.md`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    """Write report.json and a human-readable report.md into `folder`."""
+    report = {"schema_version": SCHEMA_VERSION, **report}
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(render_markdown(report))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    model = report.get("model", {})
+    lines = [
+        "# diffusion-compress report",
+        "",
+        f"- model: `{model.get('source')}`",
+        f"- target: {model.get('target')}, recipe: `{model.get('recipe')}`",
+        f"- erase: {', '.join(model.get('erase', [])) or 'none'}",
+        "",
+    ]
+    for warning in report.get("warnings", []):
+        lines.append(f"> **Warning:** {warning}")
+    if report.get("warnings"):
+        lines.append("")
+    lines += ["## Stages", ""]
+    lines += _table(report.get("stages", []),
+                    ["name", "params", "size_bytes", "leakage", "retain_accuracy", "fid", "wall_s"])
+    if report.get("per_label_accuracy"):
+        lines += ["## Judge accuracy per label", ""]
+        rows = [{"stage": s, **acc} for s, acc in report["per_label_accuracy"].items()]
+        labels = sorted({k for acc in report["per_label_accuracy"].values() for k in acc})
+        lines += _table(rows, ["stage", *labels])
+    lines += ["## Latency", ""]
+    lines += _table(report.get("latency", []),
+                    ["runtime", "profile", "stage", "component", "batch", "median_ms", "p90_ms", "provider"])
+    lines += ["## Parity with PyTorch", ""]
+    lines += _table(report.get("parity", []), ["component", "format", "max_abs_err", "psnr_db", "tolerance"])
+    return "\n".join(lines)

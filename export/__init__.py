@@ -1,0 +1,1 @@
+"""Exporters from diffusers pipelines to deployable formats (ONNX, ORT, Core ML), each checked against PyTorch."""

@@ -1,0 +1,82 @@
+"""Numerical checks of an exported component against the PyTorch module it came from.
+
+Shared by the ONNX, ORT and Core ML exporters. onnxruntime and torch are imported inside the
+functions that use them, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+# Identical outputs have an infinite PSNR; report this finite ceiling instead so the number
+# survives strict JSON (report.json, manifest.json). fp32 rounding alone lands near 140 dB.
+PSNR_CEILING_DB = 200.0
+
+
+def psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of `test` against `reference`, in dB.
+
+    The signal range is the reference's peak-to-peak range (max - min), not a fixed 1.0 or
+    255: component outputs (text embeddings, predicted noise, decoded images in [-1, 1]) have
+    no common scale. PSNR = 20 * log10(range / RMSE). Identical arrays give PSNR_CEILING_DB;
+    a NaN anywhere gives NaN. Shapes must match.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    test = np.asarray(test, dtype=np.float64)
+    if reference.shape != test.shape:
+        raise ValueError(f"psnr: shapes differ, reference {reference.shape} vs test {test.shape}")
+    if not (np.isfinite(reference).all() and np.isfinite(test).all()):
+        return float("nan")
+    rmse = math.sqrt(float(np.mean((reference - test) ** 2)))
+    if rmse == 0.0:
+        return PSNR_CEILING_DB
+    signal_range = float(np.ptp(reference)) if reference.size else 0.0
+    if signal_range == 0.0:
+        # A constant reference has no range to measure against: any error is total failure.
+        return 0.0
+    return min(20.0 * math.log10(signal_range / rmse), PSNR_CEILING_DB)
+
+
+def onnx_parity(
+    onnx_path: Path,
+    torch_fn: Callable,
+    inputs: dict[str, np.ndarray],
+) -> tuple[float, float]:
+    """Run `onnx_path` in onnxruntime (CPUExecutionProvider) and `torch_fn` on the same inputs.
+
+    `inputs` maps the ONNX input names to arrays; `torch_fn` is called with the same names as
+    keyword arguments holding torch tensors (under `torch.no_grad()`) and returns a tensor or a
+    tuple of tensors in the ONNX graph's output order. Returns `(max_abs_err, psnr_db)`, the
+    worst over all outputs: the largest absolute difference and the lowest PSNR (see `psnr`).
+    A NaN or inf anywhere gives `(nan, nan)`, which fails every tolerance check.
+    """
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_outputs = session.run(None, inputs)
+    del session
+
+    with torch.no_grad():
+        torch_outputs = torch_fn(**{name: torch.from_numpy(np.asarray(v)) for name, v in inputs.items()})
+    if isinstance(torch_outputs, torch.Tensor):
+        torch_outputs = (torch_outputs,)
+    if len(torch_outputs) != len(onnx_outputs):
+        raise ValueError(
+            f"{onnx_path}: the ONNX graph has {len(onnx_outputs)} outputs, PyTorch returned {len(torch_outputs)}"
+        )
+
+    max_abs_err, psnr_db = 0.0, PSNR_CEILING_DB
+    for torch_out, onnx_out in zip(torch_outputs, onnx_outputs, strict=True):
+        reference = torch_out.detach().float().numpy()
+        if reference.shape != onnx_out.shape:
+            raise ValueError(f"{onnx_path}: output shape {onnx_out.shape} differs from PyTorch's {reference.shape}")
+        if not (np.isfinite(reference).all() and np.isfinite(onnx_out).all()):
+            return float("nan"), float("nan")
+        max_abs_err = max(max_abs_err, float(np.max(np.abs(reference - onnx_out), initial=0.0)))
+        psnr_db = min(psnr_db, psnr(reference, onnx_out))
+    return max_abs_err, psnr_db

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny real pipelines built offline from committed configs."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Hardware markers skip by capability, never by branches in the tests."""
+    import sys
+
+    skip_gpu = skip_mac = None
+    for item in items:
+        if "gpu" in item.keywords:
+            import torch
+
+            if not torch.cuda.is_available():
+                skip_gpu = skip_gpu or pytest.mark.skip(reason="needs a CUDA device")
+                item.add_marker(skip_gpu)
+        if "macos" in item.keywords and sys.platform != "darwin":
+            skip_mac = skip_mac or pytest.mark.skip(reason="needs macOS")
+            item.add_marker(skip_mac)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A random tiny Stable Diffusion pipeline folder (16x16 px), built once per session."""
+    from toolchain.models.io import build_pipeline_from_configs
+
+    return build_pipeline_from_configs(ASSETS / "tiny-sd", tmp_path_factory.mktemp("tiny-sd") / "pipe", seed=0)
+
+
+@pytest.fixture
+def tiny_sd_copy(tiny_sd_dir, tmp_path) -> Path:
+    """A private copy a test may damage."""
+    return Path(shutil.copytree(tiny_sd_dir, tmp_path / "model"))
+
+
+def run(model: Path, out: Path, *extra: str) -> int:
+    """`compress --target onnx --recipe tiny` in process, quiet."""
+    from toolchain.cli import main
+
+    return main(["--target", "onnx", "--model", str(model), "--recipe", "tiny", "--out", str(out), "--no-progress",
+                 "-q", *extra])
+
+
+def manifests(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("[0-9][0-9]-*/manifest.json")}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_sd_dir, tmp_path_factory):
+    """One uninterrupted tiny run: (run folder, wall seconds). Asserts the input is untouched."""
+    import time
+
+    from toolchain import artifact as art
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    before = art.hash_folder(tiny_sd_dir)
+    start = time.perf_counter()
+    assert run(tiny_sd_dir, out) == 0
+    first_s = time.perf_counter() - start
+    assert art.hash_folder(tiny_sd_dir) == before, "the input model must never be modified"
+    return out, first_s

@@ -1,0 +1,171 @@
+"""`compress` end to end on the tiny model, in process: outputs, skip on re-run, bad input."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from toolchain import artifact as art
+from toolchain.cli import main
+from toolchain.pipeline import RunLock
+
+
+from .conftest import manifests, run
+
+def test_end_to_end_outputs(finished_run):
+    out, _ = finished_run
+    deploy = out / "deploy" / "onnx"
+    for rel in ("model_index.json", "text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx",
+                "tokenizer/vocab.json", "scheduler/scheduler_config.json", "report.json"):
+        assert (deploy / rel).is_file(), rel
+    assert not list(out.glob("*.partial")) and not (deploy / "manifest.json").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["model"]["target"] == "onnx"
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["source", "prune", "export"]
+    # 30% of channels removed -> roughly half the UNet parameters remain
+    ratio = stages["prune"]["unet_params"] / stages["source"]["unet_params"]
+    assert 0.35 < ratio < 0.7, ratio
+    assert stages["export"]["unet_params"] == pytest.approx(stages["prune"]["unet_params"], rel=0.01)
+    assert all(s["size_bytes"] > 0 for s in stages.values())
+    runtimes = {(row["runtime"], row["stage"], row["component"]) for row in report["latency"]}
+    assert {("torch", "source", "unet"), ("torch", "prune", "unet"), ("onnxruntime", "export", "unet")} <= runtimes
+    assert all(row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] for row in report["latency"])
+    parity = {row["component"]: row for row in report["parity"]}
+    assert set(parity) == {"text_encoder", "unet", "vae_decoder"}
+    assert all(row["max_abs_err"] <= row["tolerance"] for row in parity.values())
+    assert (out / "report.md").read_text().startswith("# diffusion-compress report")
+
+
+def test_rerun_skips_every_stage_and_changes_nothing(finished_run, tiny_sd_dir):
+    out, first_s = finished_run
+    sealed = manifests(out)
+    onnx_bytes = (out / "deploy/onnx/unet/model.onnx").read_bytes()
+    start = time.perf_counter()
+    assert run(tiny_sd_dir, out) == 0
+    rerun_s = time.perf_counter() - start
+    assert manifests(out) == sealed, "a re-run must skip sealed stages"
+    assert (out / "deploy/onnx/unet/model.onnx").read_bytes() == onnx_bytes
+    assert rerun_s < 0.25 * first_s, (rerun_s, first_s)  # the product target is 10%; timing noise allowance
+
+
+def test_from_stage_and_changed_setting_rerun_only_what_follows(finished_run, tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run[0], out)
+    sealed = manifests(out)
+    assert run(tiny_sd_dir, out, "--from-stage", "benchmark") == 0
+    now = manifests(out)
+    assert now["01-prune"] == sealed["01-prune"] and now["02-export"] == sealed["02-export"]
+    assert now["03-benchmark"] != sealed["03-benchmark"]
+    assert run(tiny_sd_dir, out, "prune.ratio=0.5") == 0
+    now2 = manifests(out)
+    assert all(now2[k] != now[k] for k in ("01-prune", "02-export", "03-benchmark"))
+    assert now2["00-source"] == now["00-source"]
+    assert art.load(out / "01-prune").records["pruning"]["ratio"] == 0.5
+
+
+def test_dry_run_prints_plan_and_touches_nothing(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tiny_sd_dir, out, "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "01-prune" in text and "02-export" in text and "03-benchmark" in text and "ratio=0.3" in text
+    assert not out.exists()
+
+
+def test_dry_run_reports_sealed_stages(finished_run, tiny_sd_dir, capsys):
+    assert run(tiny_sd_dir, finished_run[0], "--dry-run") == 0
+    assert capsys.readouterr().out.count("skip: sealed") == 3
+
+
+def truncate_unet(model: Path) -> None:
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing path", "no such folder"),
+        ("not a pipeline", "no model_index.json"),
+        ("unknown target", "unknown target"),
+        ("unknown recipe key", "unknown key prune.rate"),
+        ("ratio out of range", "prune.ratio=1.5: must be in [0, 1)"),
+        ("unwritable out", "is a file, not a folder"),
+        ("truncated safetensors", "truncated safetensors file"),
+        ("unknown concept", "no concept file names it"),
+        ("unknown from-stage", "--from-stage quantize: not in this plan"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_left(case, message, tiny_sd_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    model, args, target = tiny_sd_copy, [], "onnx"
+    if case == "missing path":
+        model = tmp_path / "does-not-exist"
+    elif case == "not a pipeline":
+        model = tmp_path / "empty"
+        model.mkdir()
+    elif case == "unknown target":
+        target = "tflite"
+    elif case == "unknown recipe key":
+        args = ["prune.rate=0.5"]
+    elif case == "ratio out of range":
+        args = ["prune.ratio=1.5"]
+    elif case == "unwritable out":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    elif case == "truncated safetensors":
+        truncate_unet(model)
+    elif case == "unknown concept":
+        args = ["--erase", "unicorn"]
+    elif case == "unknown from-stage":
+        args = ["--from-stage", "quantize"]
+    code = main(["--target", target, "--model", str(model), "--recipe", "tiny", "--out", str(out), "-q", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_out_by_permission(tiny_sd_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert run(tiny_sd_dir, locked / "out") == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_second_writer_is_refused(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunLock(out):
+        assert run(tiny_sd_dir, out) == 2
+    assert "another compress run" in capsys.readouterr().err
+    assert not list(out.glob("[0-9][0-9]-*"))
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "--erase" in text and "exit codes" in text
+
+
+def test_validate_command(capsys, tmp_path):
+    from toolchain.config import CONFIG_DIR
+
+    assert main(["validate", str(CONFIG_DIR / "recipes" / "default.yaml")]) == 0
+    bad = tmp_path / "recipes" / "bad.yaml"
+    bad.parent.mkdir()
+    bad.write_text("prune:\n  ratio: 2\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "prune.ratio=2.0" in capsys.readouterr().err
+
+
+def test_unsupported_target_exporter_is_bad_input(tiny_sd_dir, tmp_path, capsys):
+    code = main(["--target", "coreml", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "o"), "-q"])
+    assert code == 2 and "use --target onnx" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""ONNX export of the tiny Stable Diffusion pipeline: layout, parity, optimum loading, refusals."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx import DEFAULT_TOLERANCES, PSNR_FLOOR_DB, ParityError, export_onnx
+from export.validate import PSNR_CEILING_DB, psnr
+from toolchain.models.io import build_pipeline_from_configs, load_pipeline
+
+TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny models gain nothing from threads, and on a shared 2-core machine torch's intra-op
+    # threads contend: a 4-step tiny generation took 8 s with 2 threads under load, 0.2 s with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_pipeline_from_configs(TINY_SD, tmp_path_factory.mktemp("tiny-sd"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_dir):
+    return load_pipeline(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_pipe, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("onnx") / "deploy"
+    return out_dir, export_onnx(tiny_pipe, out_dir, progress=False)
+
+
+def test_writes_optimum_layout(exported):
+    out_dir, result = exported
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert (out_dir / name / "model.onnx").is_file()
+        assert json.loads((out_dir / name / "config.json").read_text())
+        entry = result["files"][name]
+        assert entry["path"] == f"{name}/model.onnx"
+        assert entry["size_bytes"] == (out_dir / name / "model.onnx").stat().st_size > 0
+        assert entry["external_data"] is None
+    assert not (out_dir / "vae_encoder").exists()  # only when asked for
+    assert (out_dir / "tokenizer" / "vocab.json").is_file()
+    assert (out_dir / "scheduler" / "scheduler_config.json").is_file()
+    index = json.loads((out_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert not list(out_dir.rglob(".trace"))  # no scratch left behind
+    assert result["opset"] == 17
+
+
+def test_graph_names_and_dtypes_match_optimum(exported):
+    import onnx
+
+    out_dir, _ = exported
+
+    def io(name):
+        graph = onnx.load(str(out_dir / name / "model.onnx")).graph
+        inputs = {
+            i.name: (i.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim])
+            for i in graph.input
+        }
+        return inputs, [o.name for o in graph.output]
+
+    inputs, outputs = io("text_encoder")
+    assert inputs == {"input_ids": (onnx.TensorProto.INT64, ["batch_size", "sequence_length"])}
+    assert outputs == ["last_hidden_state", "pooler_output"]
+    inputs, outputs = io("unet")
+    assert inputs["sample"] == (onnx.TensorProto.FLOAT, ["batch_size", 4, "height", "width"])
+    assert inputs["timestep"] == (onnx.TensorProto.FLOAT, [])  # a scalar, as optimum exports it
+    assert inputs["encoder_hidden_states"][1][:2] == ["batch_size", "sequence_length"]
+    assert outputs == ["out_sample"]
+    inputs, outputs = io("vae_decoder")
+    assert inputs == {"latent_sample": (onnx.TensorProto.FLOAT, ["batch_size", 4, "latent_height", "latent_width"])}
+    assert outputs == ["sample"]
+
+
+def test_every_component_matches_pytorch(exported, tiny_pipe):
+    _, result = exported
+    assert not (tiny_pipe.unet.training or tiny_pipe.vae.training or tiny_pipe.text_encoder.training)
+    assert [p["component"] for p in result["parity"]] == ["text_encoder", "unet", "vae_decoder"]
+    for entry in result["parity"]:
+        assert set(entry) == {"component", "format", "max_abs_err", "psnr_db", "tolerance"}
+        assert entry["format"] == "onnx"
+        assert entry["tolerance"] == DEFAULT_TOLERANCES[entry["component"]]
+        assert 0.0 <= entry["max_abs_err"] <= entry["tolerance"]
+        assert PSNR_FLOOR_DB <= entry["psnr_db"] <= PSNR_CEILING_DB
+    json.dumps(result, allow_nan=False)  # goes into manifest.json as it is
+
+
+def test_optimum_pipeline_generates_the_pytorch_images(exported, tiny_pipe):
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    out_dir, _ = exported
+    ort_pipe = ORTStableDiffusionPipeline.from_pretrained(out_dir)
+    ort_pipe.set_progress_bar_config(disable=True)
+    # optimum's pipeline draws noise with torch, so both get the same torch latents and generator.
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=4, guidance_scale=7.5, height=16, width=16, output_type="np")
+    prompts = ["a photo of a cat", "a red car"]
+    expected = tiny_pipe(prompts, latents=latents.clone(), generator=torch.Generator().manual_seed(0), **kwargs)
+    actual = ort_pipe(prompts, latents=latents.clone(), generator=torch.Generator().manual_seed(0), **kwargs)
+    expected, actual = expected.images, actual.images
+    assert actual.shape == expected.shape == (2, 16, 16, 3)
+    assert expected.std() > 0.05  # the check means something only if the images are not flat
+    # 4 steps of fp32 rounding differences (~1e-6 per call): 1e-3 is a quarter of an 8-bit level.
+    assert np.abs(actual - expected).max() < 1e-3
+
+
+def test_forced_external_data_loads_and_runs(tiny_pipe, tmp_path):
+    import onnxruntime as ort
+
+    result = export_onnx(
+        tiny_pipe, tmp_path, components=("unet", "vae_encoder"), external_data_threshold=0, progress=False
+    )
+    for name in ("unet", "vae_encoder"):
+        graph, data = tmp_path / name / "model.onnx", tmp_path / name / "model.onnx_data"
+        assert data.is_file() and data.stat().st_size > graph.stat().st_size
+        assert result["files"][name]["external_data"] == f"{name}/model.onnx_data"
+        assert result["files"][name]["size_bytes"] == graph.stat().st_size + data.stat().st_size
+    assert [p["component"] for p in result["parity"]] == ["unet", "vae_encoder"]
+    session = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    (out_sample,) = session.run(
+        None,
+        {
+            "sample": rng.standard_normal((3, 4, 8, 8), dtype=np.float32),
+            "timestep": np.array(10.0, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((3, 32, 32), dtype=np.float32),
+        },
+    )
+    assert out_sample.shape == (3, 4, 8, 8) and np.isfinite(out_sample).all()
+
+
+def test_tolerance_breach_raises_naming_the_component(tiny_pipe, tmp_path):
+    with pytest.raises(ParityError, match=r"unet: .*max abs error .* over the tolerance 0"):
+        export_onnx(tiny_pipe, tmp_path, components=("unet",), tolerances={"unet": 0.0}, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"opset": 11}, "opset 11"),
+        ({"components": ("foo",)}, "vae_decoder"),
+        ({"components": ()}, "at least one"),
+        ({"tolerances": {"foo": 1e-3}}, "unknown component 'foo'"),
+        ({"tolerances": {"unet": -1.0}}, "must be a number >= 0"),
+    ],
+)
+def test_bad_arguments_refused_before_writing(tiny_pipe, tmp_path, kwargs, message):
+    out_dir = tmp_path / "deploy"
+    with pytest.raises(ValueError, match=message):
+        export_onnx(tiny_pipe, out_dir, progress=False, **kwargs)
+    assert not out_dir.exists()
+
+
+def test_channel_pruned_unet_exports_with_parity(tiny_dir, tmp_path):
+    pytest.importorskip("torch_pruning", reason="channel pruning needs torch-pruning")
+    from toolchain.pruning.channels import prune_unet_channels
+
+    pipe = load_pipeline(tiny_dir)  # a fresh copy: pruning works in place
+    prune_unet_channels(pipe.unet, 0.5)
+    assert pipe.unet.conv_in.out_channels < pipe.unet.config.block_out_channels[0]  # config no longer describes it
+    result = export_onnx(pipe, tmp_path, components=("unet",), progress=False)
+    (entry,) = result["parity"]
+    assert entry["max_abs_err"] <= entry["tolerance"] and entry["psnr_db"] >= PSNR_FLOOR_DB
+
+
+def test_psnr():
+    reference = np.linspace(-1.0, 1.0, 100, dtype=np.float32)
+    assert psnr(reference, reference) == PSNR_CEILING_DB
+    # range 2, RMSE 0.02 -> 20 * log10(100) = 40 dB
+    assert psnr(reference, reference + 0.02) == pytest.approx(40.0, abs=1e-3)
+    assert np.isnan(psnr(reference, np.full_like(reference, np.nan)))
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(reference, reference[:10])
+
+
+def test_import_stays_light():
+    code = (
+        "import sys, toolchain, export, export.onnx, export.validate; "
+        "heavy = [m for m in ('onnxruntime', 'onnx', 'optimum', 'coremltools') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

@@ -1,0 +1,153 @@
+"""`compress`: prune, distill while unlearning, quantize and export a diffusion model.
+
+Exit codes: 0 ok, 1 a gate failed (parity, regression), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  compress --target onnx                      embedded digits model -> runs/compress/deploy/onnx/
+  compress --target onnx --dry-run            print the plan, touch nothing
+  compress --target onnx prune.ratio=0.5      override any recipe key with key=value
+  compress --target onnx --model ./sd-1-5 --recipe default --out runs/sd15
+  compress --target onnx --from-stage export  re-run export and everything after it
+  compress validate configs/recipes/tiny.yaml check a recipe without loading a model
+  compress bench runs/compress                 re-measure a finished run's report
+
+exit codes: 0 ok, 1 a gate failed (parity, regression), 2 bad input
+"""
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compress",
+        description="Make a Stable Diffusion pipeline small and fast for a phone, export it, and "
+        "report latency, size, parity and concept leakage. Subcommands: validate, bench "
+        "(`compress validate --help`).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", metavar="{onnx,ort,coreml}", help="deployment format (default: the recipe's, else onnx)")
+    parser.add_argument("--model", help="diffusers pipeline folder (default: the embedded digits model)")
+    parser.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: default)")
+    parser.add_argument("--out", default="runs/compress", help="run folder (default: runs/compress)")
+    parser.add_argument("--erase", nargs="+", default=[], metavar="CONCEPT", help="concept names or concept YAML files")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--force", action="store_true", help="re-run every stage even if sealed")
+    parser.add_argument("--from-stage", metavar="NAME", help="re-run this stage and everything after it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. prune.ratio=0.5")
+    return parser
+
+
+def _validate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress validate", description="Validate recipes, target profiles or concept files without loading a model.")
+    parser.add_argument("files", nargs="+", type=Path, help="YAML files (their folder says their kind)")
+    return parser
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress bench", description="Re-measure a finished run and print its report.")
+    parser.add_argument("path", type=Path, help="a run folder written by `compress`")
+    parser.add_argument("--json", action="store_true", help="print report.json instead of the markdown table")
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from toolchain import pipeline
+    from toolchain.config import load_config
+    from toolchain.models.io import resolve_model
+
+    cfg, sources = load_config(args.recipe, args.target, args.overrides, args.erase)
+    model = resolve_model(args.model)
+    out = Path(args.out).resolve()
+    stages = pipeline.plan(cfg)
+    if args.dry_run:
+        print(pipeline.describe_plan(cfg, model, out, stages))
+        return 0
+    pipeline.run(cfg, model, out, force=args.force, from_stage=args.from_stage, progress=not args.no_progress)
+    print(f"deployable: {out / 'deploy' / cfg.target}")
+    print(f"report:     {out / 'report.json'}")
+    return 0
+
+
+def _cmd_validate(argv: list[str]) -> int:
+    from toolchain.config import validate_file
+
+    args = _validate_parser().parse_args(argv)
+    for path in args.files:
+        kind = validate_file(path)
+        print(f"ok  {path} ({kind[:-1]})")
+    return 0
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    from toolchain import artifact as art
+    from toolchain.config import ConfigError, RunConfig, from_dict
+    from toolchain.pipeline import STAGES, RunContext
+
+    args = _bench_parser().parse_args(argv)
+    run_dir = args.path
+    folders = sorted(p for p in run_dir.glob("[0-9][0-9]-*") if (p / art.MANIFEST).is_file())
+    chain = [art.load(p) for p in folders if not p.name.endswith("-benchmark")]
+    if not chain or chain[0].stage != "source":
+        raise ConfigError(f"{run_dir}: not a finished compress run (no sealed 00-source); run `compress` first")
+    report = folders[-1] if folders[-1].name.endswith("-benchmark") else None
+    if report is None:
+        raise ConfigError(f"{run_dir}: no sealed benchmark stage; run `compress` to the end first")
+    sealed = art.load(report)
+    settings = {k: v for k, v in sealed.config.items() if k != "erase"}
+    cfg = from_dict(RunConfig, {"erase": sealed.config.get("erase", []), "benchmark": settings})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = RunContext(run_dir=run_dir, config=cfg, out_dir=Path(tmp), chain=chain, progress=True)
+        STAGES["benchmark"].run(chain[-1], cfg.benchmark, ctx)
+        text = (Path(tmp) / ("report.json" if args.json else "report.md")).read_text()
+    print(text if not args.json else json.dumps(json.loads(text), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from toolchain.config import ConfigError
+    from toolchain.models.io import ModelError
+    from toolchain.pipeline import GateError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"validate": _cmd_validate, "bench": _cmd_bench}
+    try:
+        if argv and argv[0] in commands:
+            _configure_logging(quiet="-q" in argv)
+            return commands[argv[0]](argv[1:])
+        args = _run_parser().parse_args(argv)
+        _configure_logging(args.quiet)
+        return _cmd_run(args)
+    except (ConfigError, ModelError) as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    except GateError as exc:
+        print(f"compress: gate failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compress: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

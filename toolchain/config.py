@@ -1,0 +1,293 @@
+"""Recipe -> target profile -> `key=value` overrides -> one typed, validated `RunConfig`.
+
+Every knob is a dataclass field with a default and a docstring-like comment. Unknown keys, wrong
+types and out-of-range values are errors at load time, before any model is touched, and the
+message names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TARGETS = ("onnx", "ort", "coreml")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+class ConfigError(ValueError):
+    """A recipe, profile or override is invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Structural pruning of the UNet (stage `prune`)."""
+
+    method: Literal["channels", "none"] = "channels"  # "none" skips the stage
+    ratio: float = 0.3  # share of channels removed per layer, in [0, 1)
+    importance: Literal["magnitude"] = "magnitude"  # channel importance criterion
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"prune.ratio={self.ratio}: must be in [0, 1), e.g. prune.ratio=0.3")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export to the target's format with a parity gate against PyTorch (stage `export`)."""
+
+    opset: int = 17  # ONNX opset; 14 is the lowest that carries every op the UNet needs
+    components: list[str] = field(default_factory=lambda: ["text_encoder", "unet", "vae_decoder"])
+    # max abs error allowed per component vs PyTorch; missing components use the exporter default
+    tolerance: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.opset < 14:
+            raise ConfigError(f"export.opset={self.opset}: the lowest supported opset is 14, e.g. export.opset=17")
+        bad = sorted(set(self.components) - set(COMPONENTS)) + sorted(set(self.tolerance) - set(COMPONENTS))
+        if bad:
+            raise ConfigError(f"export components {bad} are unknown; choose from {list(COMPONENTS)}")
+        if "unet" not in self.components:
+            raise ConfigError("export.components must include unet")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Measurements written to report.json (stage `benchmark`)."""
+
+    batch: int = 2  # UNet batch: 2 = one image with classifier-free guidance
+    warmup: int = 2  # untimed runs before timing
+    repeats: int = 10  # timed runs; median and p90 are reported
+    threads: int = 0  # intra-op threads for torch and onnxruntime; 0 = library default
+    eval_images_per_prompt: int = 2  # images per prompt for leakage / accuracy (judged models)
+    eval_steps: int = 25  # DDIM steps for evaluation images
+    guidance_scale: float = 5.0  # classifier-free guidance scale for evaluation images
+    seed: int = 0
+    # judge that scores generated images: "auto" = the erased concepts' judge, else the one the
+    # model folder names in judge.json (the embedded digits model does); "none" = no scoring
+    judge: str = "auto"
+
+    def __post_init__(self):
+        for name in ("batch", "repeats", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"benchmark.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("warmup", "threads", "eval_images_per_prompt"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"benchmark.{name}={getattr(self, name)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `compress` run needs; stage sections are hashed into fingerprints."""
+
+    target: Literal["onnx", "ort", "coreml"] = "onnx"
+    description: str = ""  # what the recipe is for (shown by `compress validate`)
+    erase: list[str] = field(default_factory=list)  # concepts to erase (names or aliases)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building typed configs from plain dicts
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(a) for a in typing.get_args(hint))
+            raise ConfigError(f"{key}={value!r}: must be one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: must be a list, e.g. {key}=[a,b]")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: must be a mapping, e.g. {key}={{a: 1}}")
+        kt, vt = typing.get_args(hint)
+        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `--erase 7` and `erase: [7]` both mean the concept named "7"
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: must be of type {hint.__name__}")
+    return value
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes, target profiles and overrides
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values")
+    return data
+
+
+def resolve_recipe(name_or_path: str | None) -> Path:
+    """A recipe is a YAML path or the name of a shipped recipe (`default`, `tiny`)."""
+    if name_or_path is None:
+        return CONFIG_DIR / "recipes" / "default.yaml"
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--recipe {name_or_path}: no such file")
+        return path
+    shipped = CONFIG_DIR / "recipes" / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / "recipes").glob("*.yaml"))
+        raise ConfigError(f"--recipe {name_or_path}: no such recipe; pass a YAML file or one of {names}")
+    return shipped
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`prune.ratio=0.5` -> {"prune": {"ratio": 0.5}}; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. prune.ratio=0.5")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. prune.ratio=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(
+    recipe: str | None = None,
+    target: str | None = None,
+    overrides: list[str] = (),
+    erase: list[str] = (),
+) -> tuple[RunConfig, dict[str, Any]]:
+    """Merge recipe, target profile and overrides; return the typed config and its sources."""
+    recipe_path = resolve_recipe(recipe)
+    data = read_yaml(recipe_path)
+    target = target or data.get("target", "onnx")
+    if target not in TARGETS:
+        raise ConfigError(f"--target {target}: unknown target; choose one of {list(TARGETS)}")
+    profile_path = CONFIG_DIR / "targets" / f"{target}.yaml"
+    data = deep_merge(data, read_yaml(profile_path))
+    data["target"] = target
+    for text in overrides:
+        data = deep_merge(data, parse_override(text))
+    if erase:
+        data["erase"] = list(data.get("erase", [])) + list(erase)
+    cfg = from_dict(RunConfig, data)
+    return cfg, {"recipe": str(recipe_path), "target_profile": str(profile_path), "overrides": list(overrides)}
+
+
+def validate_file(path: Path) -> str:
+    """Validate a recipe, target profile or concept file by its folder; returns its kind."""
+    data = read_yaml(path)
+    kind = path.parent.name
+    if kind == "recipes":
+        cfg = from_dict(RunConfig, data)
+        for name in cfg.erase:
+            load_concept(name)
+    elif kind == "targets":
+        from_dict(RunConfig, deep_merge({"target": path.stem}, data))
+    elif kind == "concepts":
+        from_dict(ConceptConfig, data, path.stem)
+    else:
+        from_dict(RunConfig, data)
+        kind = "recipes"
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Concepts
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    """A concept to erase: its prompts, the judge that recognises it, and a safe anchor."""
+
+    name: str
+    judge: str  # registered judge name (benchmarks.leakage), e.g. "digits"
+    label: str  # what the judge outputs for this concept
+    erase_prompts: list[str]
+    aliases: list[str] = field(default_factory=list)
+    heldout_prompts: list[str] = field(default_factory=list)  # phrasings no training step uses
+    retain_prompts: dict[str, list[str]] = field(default_factory=dict)  # judge label -> prompts
+    anchor_prompt: str = ""  # anchor / override / replacement concept
+
+    def __post_init__(self):
+        if not self.erase_prompts:
+            raise ConfigError(f"concept {self.name}: erase_prompts is empty; list the prompts that name it")
+
+
+def load_concept(name: str) -> ConceptConfig:
+    """Resolve `--erase NAME` to a concept file: a path, a file stem, or an alias inside one."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"--erase {name}: no such concept file")
+        return from_dict(ConceptConfig, read_yaml(path), path.stem)
+    folder = CONFIG_DIR / "concepts"
+    for candidate in sorted(folder.glob("*.yaml")):
+        data = read_yaml(candidate)
+        if name == candidate.stem or name == data.get("name") or name in data.get("aliases", []):
+            return from_dict(ConceptConfig, data, candidate.stem)
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"--erase {name}: no concept file names it; pass a YAML file or one of {known}")

@@ -1,0 +1,223 @@
+"""Load, check and save Stable Diffusion pipelines in the diffusers folder layout.
+
+Everything here reads safetensors only and never runs remote code. Checks that can fail on user
+input (`check_pipeline_folder`) are cheap and run before a run folder is created, so bad input
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "digits-sd"
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+PRUNING_RECORD = "pruning_record.json"
+
+
+class ModelError(ValueError):
+    """The model folder cannot be used; the message says what to pass instead."""
+
+
+def resolve_model(model: str | None) -> Path:
+    """Map `--model` to a local pipeline folder: None is the embedded digits model.
+
+    A string that is not an existing path but looks like a hub id (`org/name`) is downloaded
+    only when the hub is reachable and offline mode is off; otherwise a clear error.
+    """
+    if model is None:
+        return EMBEDDED_MODEL
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve()
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ModelError(
+                f"--model {model}: no such folder, and HF_HUB_OFFLINE is set so the hub is not "
+                "tried; download the pipeline elsewhere and pass its folder"
+            )
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(
+                model,
+                allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt"],
+            )
+        except Exception as exc:  # the hub is unreachable or the id does not exist
+            raise ModelError(
+                f"--model {model}: not a local folder and the hub could not provide it "
+                f"({type(exc).__name__}); pass a local diffusers pipeline folder"
+            ) from None
+        return Path(local)
+    raise ModelError(f"--model {model}: no such folder; pass a diffusers pipeline folder")
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file by reading only its header."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not a valid safetensors file ({exc}); re-download or re-save it") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ModelError(
+            f"{path}: truncated safetensors file ({size} bytes, header expects {8 + header_len + end}); "
+            "re-download or re-save it"
+        )
+
+
+def check_pipeline_folder(path: Path) -> dict[str, Any]:
+    """Check that `path` is a complete Stable Diffusion pipeline with safetensors weights.
+
+    Returns the parsed model_index.json. Raises ModelError with a one-line fix otherwise.
+    """
+    if not path.is_dir():
+        raise ModelError(f"--model {path}: not a folder; pass a diffusers pipeline folder")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelError(
+            f"--model {path}: no model_index.json, so this is not a diffusers pipeline folder; "
+            "pass the folder that contains model_index.json"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{index_file}: invalid JSON ({exc}); re-save the pipeline") from None
+    missing = [c for c in REQUIRED_COMPONENTS if c not in index or not (path / c).is_dir()]
+    if missing:
+        raise ModelError(
+            f"--model {path}: missing components {missing}; a Stable Diffusion pipeline needs "
+            f"{list(REQUIRED_COMPONENTS)}"
+        )
+    for component in WEIGHT_COMPONENTS:
+        files = sorted((path / component).glob("*.safetensors"))
+        if not files:
+            raise ModelError(
+                f"{path / component}: no .safetensors weights (pickled .bin weights are refused); "
+                "convert the pipeline with save_pretrained(safe_serialization=True)"
+            )
+        for file in files:
+            check_safetensors(file)
+    return index
+
+
+def load_pipeline(path: Path, torch_dtype=None):
+    """Load a StableDiffusionPipeline from a local folder, offline, safetensors only.
+
+    A channel-pruned UNet (one with a pruning record) is rebuilt from its record.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = {}
+    if (path / "unet" / PRUNING_RECORD).is_file():
+        kwargs["unet"] = load_unet(path / "unet")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path,
+        use_safetensors=True,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        torch_dtype=torch_dtype,
+        **kwargs,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_unet(unet_dir: Path):
+    """Load a UNet folder; a pruned one is rebuilt by replaying its record on the base config."""
+    from diffusers import UNet2DConditionModel
+
+    record_file = unet_dir / PRUNING_RECORD
+    if not record_file.is_file():
+        return UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
+    from safetensors.torch import load_file
+
+    from toolchain.models.rebuild import rebuild_unet
+
+    record = json.loads(record_file.read_text())
+    state_dict = load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+    return rebuild_unet(record, state_dict)
+
+
+def save_unet(unet, unet_dir: Path, record: dict | None = None) -> None:
+    """Save a UNet as config + safetensors; a pruned one also gets its record."""
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    if record is None:
+        unet.save_pretrained(unet_dir, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    # config.json keeps the *base* config so tools can read the folder; the record says how the
+    # tensors were shrunk from it.
+    (unet_dir / "config.json").write_text(json.dumps(record["base_config"], indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, unet_dir / "diffusion_pytorch_model.safetensors")
+    (unet_dir / PRUNING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file where possible: stages never write into files they did not create, so
+    sharing unchanged components between artifacts is safe and free."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    for item in sorted(src.rglob("*")):
+        target = dst / item.relative_to(src)
+        if item.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            link_or_copy(item, target)
+
+
+def build_pipeline_from_configs(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """Build a randomly initialised pipeline from committed component configs and save it.
+
+    `config_dir` holds unet/config.json, vae/config.json, text_encoder/config.json,
+    tokenizer/{vocab.json,merges.txt,tokenizer_config.json} and scheduler/scheduler_config.json.
+    Used for offline tests and for real architectures (SD-1.5) measured with random weights.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    def read(name: str) -> dict:
+        return json.loads((config_dir / name).read_text())
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(read("unet/config.json"))
+    vae = AutoencoderKL.from_config(read("vae/config.json"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder/config.json")))
+    tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
+    scheduler = DDIMScheduler.from_config(read("scheduler/scheduler_config.json"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

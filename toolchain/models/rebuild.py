@@ -1,0 +1,79 @@
+"""Rebuild a channel-pruned UNet from its base config, its pruning record and its weights.
+
+A pruned UNet no longer matches its config, so `from_pretrained` cannot load it, and pickled
+modules are refused. Instead the base architecture is built on the meta device (no weights
+allocated), every tensor is shrunk to the recorded shape, and the saved tensors are assigned.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from toolchain.models.io import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def _check_shapes(record: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that disagree with the record, naming the first offending key."""
+    shapes = record["shapes"]
+    for key in sorted(set(shapes) | set(state_dict)):
+        if key not in state_dict:
+            raise ModelError(f"pruned UNet: weight {key} is in the pruning record but not in the weights")
+        if key not in shapes:
+            raise ModelError(f"pruned UNet: weight {key} is in the weights but not in the pruning record")
+        if list(state_dict[key].shape) != list(shapes[key]):
+            raise ModelError(
+                f"pruned UNet: weight {key} has shape {list(state_dict[key].shape)} but the pruning "
+                f"record says {shapes[key]}; the record does not belong to these weights"
+            )
+
+
+def _shrink_to_shapes(unet: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Replace every meta tensor by one of the recorded shape and update the layer attributes."""
+    for name, module in unet.named_modules():
+        prefix = f"{name}." if name else ""
+        for tensors in (module._parameters, module._buffers):
+            for local, tensor in tensors.items():
+                shape = shapes.get(prefix + local)
+                if tensor is None or shape is None or list(tensor.shape) == shape:
+                    continue
+                empty = torch.empty(shape, dtype=tensor.dtype, device="meta")
+                tensors[local] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        if isinstance(module, nn.Conv2d):
+            module.out_channels = module.weight.shape[0]
+            module.in_channels = module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+            module.num_channels = module.weight.shape[0]
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+
+
+def rebuild_unet(record: dict, state_dict: dict[str, torch.Tensor]):
+    """Build the pruned UNet described by `record` and load `state_dict` into it.
+
+    The result gives bit-identical outputs to the module the record and weights were saved
+    from. Raises ModelError when the record and the weights disagree.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from toolchain.pruning.channels import sync_diffusers_attributes
+
+    if record.get("method") != "channels":
+        raise ModelError(f"pruning record method {record.get('method')!r}: only 'channels' can be rebuilt")
+    _check_shapes(record, state_dict)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(record["base_config"])
+    _shrink_to_shapes(unet, record["shapes"])
+    sync_diffusers_attributes(unet, record["attention_heads"])
+    unet.load_state_dict(state_dict, strict=True, assign=True)
+    left_on_meta = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise ModelError(f"pruned UNet: {left_on_meta[0]} was not in the weights (still on the meta device)")
+    logger.info("rebuilt pruned UNet with %d params", sum(p.numel() for p in unet.parameters()))
+    return unet.eval()

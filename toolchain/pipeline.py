@@ -1,0 +1,282 @@
+"""Plan the stage chain, run it, skip sealed stages, resume, and lay out the deliverables.
+
+Run folder layout (`--out`):
+    00-source/manifest.json      points at the input model (never copied, never modified)
+    01-prune/                    diffusers folder + manifest.json
+    02-export/                   target-format folder + manifest.json
+    03-benchmark/                report.json, report.md + manifest.json
+    deploy/<target>/             the deliverable, laid out as the target's users expect
+    report.json, report.md       the run's report
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from toolchain import artifact as art
+from toolchain.config import ConfigError, RunConfig, load_concept, to_dict
+from toolchain.models.io import check_pipeline_folder, link_or_copy_tree
+
+logger = logging.getLogger(__name__)
+
+
+class GateError(RuntimeError):
+    """A measured gate failed (export parity, regression); the CLI exits with code 1."""
+
+
+@dataclass
+class RunContext:
+    """What a stage may know besides its input and its own config."""
+
+    run_dir: Path
+    config: RunConfig
+    out_dir: Path  # the stage's `.partial` folder: the only place it writes
+    chain: list[art.Artifact]  # sealed artifacts before this stage, source first
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int  # bump when the stage's output changes for the same input and config
+    section: Callable[[RunConfig], Any]  # the typed config section the stage receives
+    run: Callable[[art.Artifact, Any, RunContext], art.Artifact]
+    # settings outside the section that also determine the output (hashed into the fingerprint)
+    extra: Callable[[RunConfig], dict[str, Any]] = lambda cfg: {}
+
+
+def _prune(source, cfg, ctx):
+    from toolchain.stages import prune
+
+    return prune.run(source, cfg, ctx)
+
+
+def _export(source, cfg, ctx):
+    from toolchain.stages import export
+
+    return export.run(source, cfg, ctx)
+
+
+def _benchmark(source, cfg, ctx):
+    from toolchain.stages import benchmark
+
+    return benchmark.run(source, cfg, ctx)
+
+
+STAGES = {
+    "prune": Stage("prune", 1, lambda c: c.prune, _prune),
+    "export": Stage("export", 1, lambda c: c.export, _export, extra=lambda c: {"target": c.target}),
+    "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, _benchmark, extra=lambda c: {"erase": c.erase}),
+}
+EXPORTERS = {"onnx"}  # targets whose exporter exists in this version
+
+
+def plan(cfg: RunConfig) -> list[Stage]:
+    """The stages this config runs, in order; refuses configs no stage chain can honour."""
+    if cfg.target not in EXPORTERS:
+        raise ConfigError(
+            f"--target {cfg.target}: this version exports only to {sorted(EXPORTERS)}; use --target onnx"
+        )
+    for name in cfg.erase:
+        load_concept(name)  # an unknown concept is bad input, found before any work
+    stages = []
+    if cfg.prune.method != "none":
+        stages.append(STAGES["prune"])
+    stages += [STAGES["export"], STAGES["benchmark"]]
+    return stages
+
+
+def describe_plan(cfg: RunConfig, model: Path, out: Path, stages: list[Stage]) -> str:
+    lines = [f"model   {model}", f"target  {cfg.target}", f"out     {out}"]
+    if cfg.erase:
+        lines.append(f"erase   {', '.join(cfg.erase)}")
+    state = _sealed_states(out, model, cfg, stages) if out.is_dir() else {}
+    for i, stage in enumerate(stages, 1):
+        status = state.get(stage.name, "run")
+        settings = ", ".join(f"{k}={v}" for k, v in _stage_config(stage, cfg).items())
+        lines.append(f"{i:02d}-{stage.name:<10} [{status}] {settings}")
+    lines.append(f"deploy  {out / 'deploy' / cfg.target}")
+    return "\n".join(lines)
+
+
+def _stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
+    return {**to_dict(stage.section(cfg)), **stage.extra(cfg)}
+
+
+def _sealed_states(out: Path, model: Path, cfg: RunConfig, stages: list[Stage]) -> dict[str, str]:
+    """Which stages a run would skip: for `--dry-run`, without touching anything."""
+    states = {}
+    source_file = out / "00-source" / art.MANIFEST
+    parent = art.load(out / "00-source").fingerprint if source_file.is_file() else None
+    for i, stage in enumerate(stages, 1):
+        fp = art.fingerprint(parent, stage.name, stage.version, _stage_config(stage, cfg))
+        folder = out / f"{i:02d}-{stage.name}"
+        sealed = (folder / art.MANIFEST).is_file() and art.load(folder).fingerprint == fp
+        states[stage.name] = "skip: sealed" if parent and sealed else "run"
+        parent = fp
+    return states
+
+
+class RunLock:
+    """One writer per run folder: an flock the OS releases when the process dies."""
+
+    def __init__(self, out: Path):
+        self.file = out / ".lock"
+
+    def __enter__(self):
+        self.handle = open(self.file, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise ConfigError(f"--out {self.file.parent}: another compress run is writing there; wait or pick another --out") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that cannot be written, before anything is created."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is a file, not a folder; pick another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable; pick a folder you can write to")
+
+
+def _seal_source(model: Path, out: Path) -> art.Artifact:
+    """The input model as artifact 00: a manifest pointing at it, fingerprinted by content."""
+    folder = out / "00-source"
+    digest = art.hash_folder(model)
+    if (folder / art.MANIFEST).is_file():
+        sealed = art.load(folder)
+        if sealed.fingerprint == digest and sealed.model_path == model:
+            return sealed
+    from toolchain.stages.benchmark import component_params
+
+    partial = out / ("00-source" + art.PARTIAL_SUFFIX)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    source = art.Artifact(
+        path=partial,
+        kind="diffusers",
+        stage="source",
+        fingerprint=digest,
+        model_path=model,
+        metrics={"params": component_params(model), "size_bytes": art.folder_size(model)},
+        versions=library_versions(),
+    )
+    return art.seal(source, folder)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("diffusion-compress", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "torch-pruning"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run(
+    cfg: RunConfig,
+    model: Path,
+    out: Path,
+    force: bool = False,
+    from_stage: str | None = None,
+    progress: bool = True,
+) -> list[art.Artifact]:
+    """Run the plan; sealed stages whose fingerprint matches are skipped. Returns the chain."""
+    stages = plan(cfg)
+    names = [s.name for s in stages]
+    if from_stage is not None and from_stage not in names:
+        raise ConfigError(f"--from-stage {from_stage}: not in this plan; choose one of {names}")
+    check_pipeline_folder(model)
+    check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        expected = {"00-source"} | {f"{i:02d}-{s.name}" for i, s in enumerate(stages, 1)}
+        for folder in out.glob("[0-9][0-9]-*"):  # stages of an earlier, different plan
+            if folder.name.removesuffix(art.PARTIAL_SUFFIX) not in expected:
+                shutil.rmtree(folder)
+        chain = [_seal_source(model, out)]
+        rerun = force
+        for i, stage in enumerate(stages, 1):
+            rerun = rerun or stage.name == from_stage
+            artifact, ran = _run_stage(i, stage, cfg, out, chain, rerun, progress)
+            chain.append(artifact)
+            rerun = rerun or ran  # everything after a stage that ran sees a new input
+        _deploy(cfg, out, chain)
+    return chain
+
+
+def _run_stage(
+    i: int, stage: Stage, cfg: RunConfig, out: Path, chain: list[art.Artifact], rerun: bool, progress: bool
+) -> tuple[art.Artifact, bool]:
+    """Run one stage into its `.partial` folder and seal it, or skip it; returns (artifact, ran)."""
+    config = _stage_config(stage, cfg)
+    fp = art.fingerprint(chain[-1].fingerprint, stage.name, stage.version, config)
+    final = out / f"{i:02d}-{stage.name}"
+    partial = out / (final.name + art.PARTIAL_SUFFIX)
+    if not rerun and (final / art.MANIFEST).is_file():
+        sealed = art.load(final)
+        if sealed.fingerprint == fp:
+            logger.info("%s: sealed with the same fingerprint, skipped", final.name)
+            return sealed, False
+    # A .partial of the same fingerprint may hold checkpoints to resume from; any other is stale.
+    marker = partial / ".fingerprint"
+    if partial.exists() and (not marker.is_file() or marker.read_text() != fp):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fp)
+    logger.info("%s: running", final.name)
+    ctx = RunContext(run_dir=out, config=cfg, out_dir=partial, chain=list(chain), progress=progress)
+    start = time.perf_counter()
+    result = stage.run(chain[-1], stage.section(cfg), ctx)
+    result.path = partial
+    result.stage = stage.name
+    result.fingerprint = fp
+    result.parent = chain[-1].fingerprint
+    result.config = config
+    result.versions = library_versions()
+    result.metrics["wall_s"] = round(time.perf_counter() - start, 3)
+    marker.unlink()
+    return art.seal(result, final), True
+
+
+def _deploy(cfg: RunConfig, out: Path, chain: list[art.Artifact]) -> None:
+    """Copy the exported model to deploy/<target>/ and the report beside the run."""
+    exported = next(a for a in reversed(chain) if a.stage == "export")
+    report = next(a for a in reversed(chain) if a.stage == "benchmark")
+    deploy = out / "deploy" / cfg.target
+    staging = out / "deploy" / (cfg.target + art.PARTIAL_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    link_or_copy_tree(exported.path, staging)
+    (staging / art.MANIFEST).unlink()
+    for name in ("report.json", "report.md"):
+        shutil.copy2(report.path / name, staging / name)
+    if deploy.exists():
+        shutil.rmtree(deploy)
+    os.replace(staging, deploy)
+    for name in ("report.json", "report.md"):
+        tmp = out / (name + ".tmp")
+        shutil.copy2(report.path / name, tmp)
+        os.replace(tmp, out / name)

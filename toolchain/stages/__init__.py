@@ -1,0 +1,1 @@
+"""Stages: one module each, entry function `run(source, cfg, ctx) -> Artifact`."""
