@@ -30,7 +30,8 @@ def time_callable(fn: Callable[[], object], warmup: int, repeats: int) -> dict[s
 
 
 def component_inputs(pipeline_dir: Path, component: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for one component, named as in optimum's ONNX layout.
+    """Random inputs for one component, named as in optimum's ONNX layout; `pipeline_dir` is a
+    diffusers folder or an exported ONNX folder (both carry the component configs).
 
     text_encoder: input_ids (batch, max_length) int64
     unet: sample (batch, C, h, w), timestep (batch,), encoder_hidden_states (batch, max_length, D)
@@ -58,7 +59,7 @@ def component_inputs(pipeline_dir: Path, component: str, batch: int, seed: int =
             ),
         }
     if component == "vae_decoder":
-        vae = _read_config(pipeline_dir, "vae")
+        vae = _read_config(pipeline_dir, "vae" if (pipeline_dir / "vae").is_dir() else "vae_decoder")
         return {"latent_sample": rng.standard_normal((max(1, batch // 2), vae["latent_channels"], *size)).astype(np.float32)}
     raise ValueError(f"no example inputs for component {component!r}")
 
@@ -98,12 +99,19 @@ def ort_session(onnx_path: Path, threads: int = 0):
     return session, session.get_providers()[0]
 
 
-def ort_latency(session, inputs: dict[str, np.ndarray], warmup: int, repeats: int) -> dict:
-    """Latency of one ONNX Runtime session; inputs are cast to the dtypes the graph declares."""
+def ort_feed(session, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast inputs to the dtypes the graph declares; a scalar input (optimum's UNet timestep)
+    takes the first element."""
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32}
     feed = {}
     for spec in session.get_inputs():
         value = inputs[spec.name].astype(dtypes.get(spec.type, np.float32))
-        feed[spec.name] = value.reshape(-1)[:1].reshape(()) if len(spec.shape) == 0 else value  # scalar timestep
+        feed[spec.name] = value.reshape(-1)[:1].reshape(()) if len(spec.shape) == 0 else value
+    return feed
+
+
+def ort_latency(session, inputs: dict[str, np.ndarray], warmup: int, repeats: int) -> dict:
+    """Latency of one ONNX Runtime session."""
+    feed = ort_feed(session, inputs)
     return time_callable(lambda: session.run(None, feed), warmup, repeats)

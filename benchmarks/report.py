@@ -57,6 +57,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Latency", ""]
     lines += _table(report.get("latency", []),
                     ["runtime", "profile", "stage", "component", "batch", "median_ms", "p90_ms", "provider"])
-    lines += ["## Parity with PyTorch", ""]
-    lines += _table(report.get("parity", []), ["component", "format", "max_abs_err", "psnr_db", "tolerance"])
+    lines += ["## Parity (each format against its reference)", ""]
+    lines += _table(report.get("parity", []),
+                    ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"])
     return "\n".join(lines)

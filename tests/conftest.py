@@ -48,8 +48,8 @@ def run(model: Path, out: Path, *extra: str) -> int:
     """`compress --target onnx --recipe tiny` in process, quiet."""
     from toolchain.cli import main
 
-    return main(["--target", "onnx", "--model", str(model), "--recipe", "tiny", "--out", str(out), "--no-progress",
-                 "-q", *extra])
+    target = [] if "--target" in extra else ["--target", "onnx"]
+    return main([*target, "--model", str(model), "--recipe", "tiny", "--out", str(out), "--no-progress", "-q", *extra])
 
 
 def manifests(out: Path) -> dict[str, int]:

@@ -36,7 +36,7 @@ def test_end_to_end_outputs(finished_run):
     assert all(row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] for row in report["latency"])
     parity = {row["component"]: row for row in report["parity"]}
     assert set(parity) == {"text_encoder", "unet", "vae_decoder"}
-    assert all(row["max_abs_err"] <= row["tolerance"] for row in parity.values())
+    assert all(row["max_abs_err"] <= row["tolerance"] and row["reference"] == "torch" for row in parity.values())
     assert (out / "report.md").read_text().startswith("# diffusion-compress report")
 
 

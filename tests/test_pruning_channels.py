@@ -143,15 +143,26 @@ def test_tampered_record_is_refused_naming_the_key(tmp_path):
     unet = build_unet("tiny")
     record = prune_unet_channels(unet, 0.5)
     key = "down_blocks.0.resnets.0.conv1.weight"
-    record["shapes"][key][0] += 8
-    save_unet(unet, tmp_path, record)
+    bad_shape = json.loads(json.dumps(record))
+    bad_shape["shapes"][key][0] += 8
+    save_unet(unet, tmp_path / "shape", bad_shape)
     with pytest.raises(ModelError, match=key.replace(".", r"\.")):
-        load_unet(tmp_path)
+        load_unet(tmp_path / "shape")
+    bad_heads = json.loads(json.dumps(record))
+    bad_heads["attention_heads"]["mid_block.attentions.0.transformer_blocks.0.attn1"] = 3
+    save_unet(unet, tmp_path / "heads", bad_heads)
+    with pytest.raises(ModelError, match="mid_block.attentions.0.transformer_blocks.0.attn1"):
+        load_unet(tmp_path / "heads")
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"ratio": -0.1}, "ratio"), ({"ratio": 1.0}, "ratio"), ({"ratio": 0.5, "importance": "taylorish"}, "magnitude")],
+    [
+        ({"ratio": -0.1}, "ratio"),
+        ({"ratio": 1.0}, "ratio"),
+        ({"ratio": 0.5, "importance": "taylorish"}, "magnitude"),
+        ({"ratio": 0.5, "round_to": 8}, "round_to"),
+    ],
 )
 def test_bad_arguments_refused_before_pruning(kwargs, message):
     unet = build_unet("tiny")

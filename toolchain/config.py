@@ -46,6 +46,9 @@ class ExportConfig:
     components: list[str] = field(default_factory=lambda: ["text_encoder", "unet", "vae_decoder"])
     # max abs error allowed per component vs PyTorch; missing components use the exporter default
     tolerance: dict[str, float] = field(default_factory=dict)
+    # --target ort: "Fixed" bakes CPU-provider optimisations into the .ort files (ONNX Runtime's
+    # advice for mobile); "Runtime" saves them for replay with NNAPI / Core ML execution providers
+    ort_optimization: Literal["Fixed", "Runtime"] = "Fixed"
 
     def __post_init__(self):
         if self.opset < 14:

@@ -11,6 +11,7 @@ Run folder layout (`--out`):
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -64,6 +65,12 @@ def _export(source, cfg, ctx):
     return export.run(source, cfg, ctx)
 
 
+def _ort(source, cfg, ctx):
+    from toolchain.stages import ort
+
+    return ort.run(source, cfg, ctx)
+
+
 def _benchmark(source, cfg, ctx):
     from toolchain.stages import benchmark
 
@@ -72,10 +79,11 @@ def _benchmark(source, cfg, ctx):
 
 STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune, _prune),
-    "export": Stage("export", 1, lambda c: c.export, _export, extra=lambda c: {"target": c.target}),
+    "export": Stage("export", 1, lambda c: c.export, _export),
+    "ort": Stage("ort", 1, lambda c: c.export.ort_optimization, _ort),
     "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, _benchmark, extra=lambda c: {"erase": c.erase}),
 }
-EXPORTERS = {"onnx"}  # targets whose exporter exists in this version
+EXPORTERS = {"onnx", "ort"}  # targets whose exporter exists in this version
 
 
 def plan(cfg: RunConfig) -> list[Stage]:
@@ -89,7 +97,10 @@ def plan(cfg: RunConfig) -> list[Stage]:
     stages = []
     if cfg.prune.method != "none":
         stages.append(STAGES["prune"])
-    stages += [STAGES["export"], STAGES["benchmark"]]
+    stages.append(STAGES["export"])
+    if cfg.target == "ort":
+        stages.append(STAGES["ort"])
+    stages.append(STAGES["benchmark"])
     return stages
 
 
@@ -107,7 +118,9 @@ def describe_plan(cfg: RunConfig, model: Path, out: Path, stages: list[Stage]) -
 
 
 def _stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
-    return {**to_dict(stage.section(cfg)), **stage.extra(cfg)}
+    section = stage.section(cfg)
+    section = to_dict(section) if dataclasses.is_dataclass(section) else {"setting": section}
+    return {**section, **stage.extra(cfg)}
 
 
 def _sealed_states(out: Path, model: Path, cfg: RunConfig, stages: list[Stage]) -> dict[str, str]:
@@ -264,7 +277,7 @@ def _run_stage(
 
 def _deploy(cfg: RunConfig, out: Path, chain: list[art.Artifact]) -> None:
     """Copy the exported model to deploy/<target>/ and the report beside the run."""
-    exported = next(a for a in reversed(chain) if a.stage == "export")
+    exported = next(a for a in reversed(chain) if a.kind == cfg.target)
     report = next(a for a in reversed(chain) if a.stage == "benchmark")
     deploy = out / "deploy" / cfg.target
     staging = out / "deploy" / (cfg.target + art.PARTIAL_SUFFIX)

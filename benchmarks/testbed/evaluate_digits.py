@@ -68,14 +68,25 @@ def evaluate(model: Path, n_per_digit: int, steps: int, guidance_scale: float, s
     ref_idx = rng.choice(len(split.generator_images), size=min(len(images), len(split.generator_images)), replace=False)
     fid_real = quality.judge_fid(split.generator_images[ref_idx], real, judge)
 
+    # The VAE bounds what the UNet can reach: judge its reconstructions of unseen real digits.
+    with torch.no_grad():
+        pixels = torch.from_numpy(digits.to_model_range(digits.upsample(split.heldout_images)))
+        recon = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
+    recon = (recon.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1)
+    vae_acc = judge.accuracy(recon, split.heldout_labels)
+
     small = digits.downsample(images)
     nn_gen = quality.nearest_neighbour_distances(small, split.generator_images)
     nn_real = quality.nearest_neighbour_distances(split.heldout_images, split.generator_images)
     pairwise = quality.nearest_neighbour_distances(small[: len(small) // 2], small[len(small) // 2 :])
+    try:
+        shown = model.resolve().relative_to(Path.cwd())
+    except ValueError:
+        shown = model
     return {
-        "model": str(model),
+        "model": str(shown),
         "command": "python -m benchmarks.testbed.evaluate_digits "
-        f"--model {model} --n-per-digit {n_per_digit} --steps {steps} --guidance-scale {guidance_scale} --seed {seed}",
+        f"--model {shown} --n-per-digit {n_per_digit} --steps {steps} --guidance-scale {guidance_scale} --seed {seed}",
         "sampler": {
             "scheduler": type(pipe.scheduler).__name__,
             "steps": steps,
@@ -101,6 +112,7 @@ def evaluate(model: Path, n_per_digit: int, steps: int, guidance_scale: float, s
             "space": "8x8 pixels in [0, 1] (generated images area-downsampled), Euclidean",
         },
         "judge": judge_report(),
+        "judge_accuracy_on_vae_reconstructions_of_heldout_real": vae_acc,
         "generation_s": round(gen_s, 1),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "versions": _versions(),
@@ -146,6 +158,8 @@ def to_markdown(r: dict) -> str:
         f"- Judge on real digits it was not fitted on: {r['judge']['judge_eval_accuracy']:.3f} "
         f"(via 16x16: {r['judge']['judge_eval_accuracy_via_16x16']:.3f}; on the generator's split via 16x16: "
         f"{r['judge']['generator_split_accuracy_via_16x16']:.3f}).",
+        f"- Judge accuracy on VAE reconstructions of held-out real digits: "
+        f"{r['judge_accuracy_on_vae_reconstructions_of_heldout_real']:.3f}.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
         "",

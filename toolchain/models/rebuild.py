@@ -42,7 +42,9 @@ def _shrink_to_shapes(unet: nn.Module, shapes: dict[str, list[int]]) -> None:
                 if tensor is None or shape is None or list(tensor.shape) == shape:
                     continue
                 empty = torch.empty(shape, dtype=tensor.dtype, device="meta")
-                tensors[local] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+                tensors[local] = (
+                    nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+                )
         if isinstance(module, nn.Conv2d):
             module.out_channels = module.weight.shape[0]
             module.in_channels = module.weight.shape[1] * module.groups
@@ -70,7 +72,10 @@ def rebuild_unet(record: dict, state_dict: dict[str, torch.Tensor]):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(record["base_config"])
     _shrink_to_shapes(unet, record["shapes"])
-    sync_diffusers_attributes(unet, record["attention_heads"])
+    try:
+        sync_diffusers_attributes(unet, record["attention_heads"])
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"pruned UNet: attention heads in the pruning record do not fit the weights ({exc})") from None
     unet.load_state_dict(state_dict, strict=True, assign=True)
     left_on_meta = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
     if left_on_meta:

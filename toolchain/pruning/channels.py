@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,20 +57,21 @@ def sync_diffusers_attributes(unet: nn.Module, attention_heads: dict[str, int] |
             module.in_channels = module.conv1.in_channels
             module.out_channels = module.conv2.out_channels
         elif isinstance(module, Attention):
+            kv_proj = module.to_k if module.to_k is not None else module.to_q
             if attention_heads is not None:
                 heads = attention_heads[name]
             else:
                 heads = module.to_q.out_features // (module.inner_dim // module.heads)
-            if heads < 1 or module.to_q.out_features % heads or module.to_k.out_features % heads:
+            if heads < 1 or module.to_q.out_features % heads or kv_proj.out_features % heads:
                 raise ValueError(
                     f"{name}: {heads} heads do not divide to_q width {module.to_q.out_features} "
-                    f"and to_k width {module.to_k.out_features}; the pruning record is inconsistent"
+                    f"and to_k width {kv_proj.out_features}; the pruning record is inconsistent"
                 )
             module.heads = module.sliceable_head_dim = heads
             module.inner_dim = module.to_q.out_features
-            module.inner_kv_dim = module.to_k.out_features
+            module.inner_kv_dim = kv_proj.out_features
             module.query_dim = module.to_q.in_features
-            module.cross_attention_dim = module.to_k.in_features
+            module.cross_attention_dim = kv_proj.in_features
             module.out_dim = module.to_out[0].out_features
 
 
@@ -107,15 +109,21 @@ def prune_unet_channels(
       (the processors reshape by `heads`; a width not divisible by it breaks forward).
     - the GEGLU projection (`ff.net.0.proj`) is split by `chunk(2)` into value and gate; it is
       declared as two output groups, so both halves lose the same rows and keep `1 - ratio`
-      (left alone, torch-pruning prunes it 6-7x harder than the rest).
-    - GroupNorm groups are found by torch-pruning itself: channels go in steps of num_groups.
+      (left alone, torch-pruning keeps only ~15% of it at ratio 0.5).
+    - GroupNorm groups are found by torch-pruning itself: channels go in steps of num_groups
+      (which is also why `round_to` other than None/1 is refused).
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio={ratio}: must be in [0, 1) (the share of channels removed)")
     if importance not in IMPORTANCES:
         raise ValueError(f"importance={importance!r}: unknown; valid ones are {sorted(IMPORTANCES)}")
-    if round_to is not None and round_to < 1:
-        raise ValueError(f"round_to={round_to}: must be a positive integer or None")
+    if round_to not in (None, 1):
+        # torch-pruning 1.6.1 rounds the per-group count against the whole width, so every
+        # grouped layer (GroupNorm-coupled convs, heads, GEGLU: all of a UNet) is left unpruned.
+        raise ValueError(
+            f"round_to={round_to}: not supported for UNets (torch-pruning 1.6.1 would skip every "
+            "GroupNorm-coupled layer); widths already come in multiples of norm_num_groups, pass None"
+        )
     import torch_pruning as tp
     from diffusers.models.activations import GEGLU, SwiGLU
     from diffusers.models.attention_processor import Attention
@@ -135,7 +143,6 @@ def prune_unet_channels(
         pruning_ratio=ratio,
         global_pruning=global_pruning,
         ignored_layers=[unet.conv_out],
-        round_to=round_to,
         num_heads=num_heads,
         prune_num_heads=True,
         prune_head_dims=False,

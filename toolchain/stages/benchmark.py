@@ -3,7 +3,8 @@
 Per stage: parameters and file sizes (read from file headers, no model load), and, where a judge
 applies, leakage of the erased concepts, retain accuracy and judge FID on images the stage's
 model generates. Latency: the UNet of the source and of the last PyTorch stage in PyTorch, and
-every exported component in ONNX Runtime, all in this one process so ratios are comparable.
+every exported component in ONNX Runtime (ONNX and ORT format), all in this one process so
+ratios are comparable.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
         torch.set_num_threads(cfg.threads)
     chain = ctx.chain
     torch_stages = [a for a in chain if a.kind == "diffusers"]
-    exported = source
+    exported = [a for a in chain if a.kind in ("onnx", "ort")]
     latency, warnings = [], []
     evaluation = _evaluation_plan(chain[0], ctx.config.erase, cfg.judge)
     if ctx.config.erase:
@@ -96,14 +97,16 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
         latency.append({"runtime": "torch", "profile": "desktop-cpu", "stage": artifact.stage, "component": "unet",
                         "batch": cfg.batch, "provider": "cpu", **timing})
         del unet
-    for component, info in exported.metrics.get("files", {}).items():
-        session, provider = ort_session(exported.path / info["path"], cfg.threads)
-        inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
-        timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
-        batch = next(iter(inputs.values())).shape[0]
-        latency.append({"runtime": "onnxruntime", "profile": "desktop-cpu", "stage": exported.stage,
-                        "component": component, "batch": int(batch), "provider": provider, **timing})
-        del session
+    for artifact in exported:
+        runtime = {"onnx": "onnxruntime", "ort": "ort"}[artifact.kind]
+        for component, info in artifact.metrics.get("files", {}).items():
+            session, provider = ort_session(artifact.path / info["path"], cfg.threads)
+            inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
+            timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
+            batch = next(iter(inputs.values())).shape[0]
+            latency.append({"runtime": runtime, "profile": "desktop-cpu", "stage": artifact.stage,
+                            "component": component, "batch": int(batch), "provider": provider, **timing})
+            del session
 
     report = {
         "model": {
@@ -115,7 +118,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
         "stages": stages,
         "latency": latency,
         "memory": [],
-        "parity": exported.metrics.get("parity", []),
+        "parity": [row for artifact in exported for row in artifact.metrics.get("parity", [])],
         "warnings": warnings,
     }
     if per_label:

@@ -34,7 +34,7 @@ def run(source: Artifact, cfg: ExportConfig, ctx) -> Artifact:
         kind="onnx",
         records={"opset": result["opset"]},
         metrics={
-            "parity": result["parity"],
+            "parity": [{**row, "reference": "torch"} for row in result["parity"]],
             "files": result["files"],
             "params": component_params(ctx.out_dir),
             "size_bytes": folder_size(ctx.out_dir),

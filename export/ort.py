@@ -1,0 +1,113 @@
+"""Convert an exported ONNX folder to ORT format for ONNX Runtime Mobile (Android, iOS).
+
+Output: the same layout as the ONNX folder with `<component>/model.ort` in place of
+`model.onnx`, plus `required_operators.config` at the top, the operator list a reduced mobile
+ONNX Runtime build needs (`build.py --include_ops_by_config`). Each `.ort` model is loaded and
+checked against the ONNX model it came from on the same inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+OPS_CONFIG = "required_operators.config"
+# ORT format replays the same kernels after offline graph optimisation; fp32 reassociation in
+# fused ops gives ~1e-6. Anything near 1e-4 means the conversion changed the computation.
+DEFAULT_TOLERANCE = 1e-4
+
+
+def convert_to_ort(
+    onnx_dir: Path,
+    out_dir: Path,
+    optimization_style: str = "Fixed",
+    tolerance: float = DEFAULT_TOLERANCE,
+    progress: bool = True,
+) -> dict:
+    """Write ORT-format models of every `<component>/model.onnx` under `onnx_dir` into `out_dir`.
+
+    optimization_style: "Fixed" (optimisations baked in for the CPU provider, smallest runtime
+    work; what ONNX Runtime recommends for mobile) or "Runtime" (optimisations saved for replay
+    with other providers such as NNAPI / Core ML EP).
+    Returns {"parity": [{"component", "format": "ort", "reference": "onnx", "max_abs_err", "psnr_db",
+    "tolerance"}],
+    "files": {component: {"path", "size_bytes"}}, "operators_config": OPS_CONFIG}.
+    Raises export.onnx.ParityError when an .ort model differs from its ONNX source.
+    """
+    import numpy as np
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from tqdm.auto import tqdm
+
+    from benchmarks.latency import component_inputs
+    from export.onnx import ParityError
+    from export.validate import psnr
+
+    styles = {s.name: s for s in OptimizationStyle}
+    if optimization_style not in styles:
+        raise ValueError(f"optimization_style {optimization_style!r}: choose one of {sorted(styles)}")
+    components = sorted(p.parent.name for p in onnx_dir.glob("*/model.onnx"))
+    if not components:
+        raise ValueError(f"{onnx_dir}: no <component>/model.onnx to convert")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in onnx_dir.iterdir():  # tokenizer, scheduler, configs, model_index.json
+        if item.name.startswith(".") or item.name == "manifest.json":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data"))
+        else:
+            shutil.copy2(item, out_dir / item.name)
+
+    start = time.perf_counter()
+    chatty = logging.getLogger("ort_format_model.utils")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as log:  # the converter prints every step
+            convert_onnx_models_to_ort(onnx_dir, output_dir=out_dir, optimization_styles=[styles[optimization_style]])
+    finally:
+        chatty.setLevel(level)
+    logger.debug(log.getvalue())
+    logger.info("converted %d models to ORT format in %.1f s", len(components), time.perf_counter() - start)
+    for stray in out_dir.rglob("*.onnx"):  # optimised ONNX copies the converter may leave
+        stray.unlink()
+
+    result = {"parity": [], "files": {}, "operators_config": OPS_CONFIG}
+    for name in tqdm(components, desc="check ort", unit="component", disable=not progress):
+        ort_path = out_dir / name / "model.ort"
+        if not ort_path.is_file():
+            raise RuntimeError(f"{name}: the converter wrote no {ort_path}")
+        onnx_out, ort_out = _run_both(onnx_dir / name / "model.onnx", ort_path,
+                                      component_inputs(onnx_dir, name, batch=2))
+        max_err = max(float(np.max(np.abs(a - b))) for a, b in zip(onnx_out, ort_out, strict=True))
+        worst_psnr = min(psnr(a, b) for a, b in zip(onnx_out, ort_out, strict=True))
+        result["parity"].append({"component": name, "format": "ort", "reference": "onnx",
+                                 "max_abs_err": max_err, "psnr_db": worst_psnr, "tolerance": tolerance})
+        result["files"][name] = {"path": f"{name}/model.ort", "size_bytes": ort_path.stat().st_size}
+        if not max_err <= tolerance:
+            raise ParityError(f"{name}: the ORT-format model differs from its ONNX source by max abs error "
+                              f"{max_err:.3g}, over the tolerance {tolerance:.3g}")
+    ops_config = out_dir / OPS_CONFIG
+    if not ops_config.is_file():
+        raise RuntimeError(f"the converter wrote no {OPS_CONFIG}")
+    # the converter names the models by absolute path; the deliverable must not carry ours
+    ops_config.write_text(ops_config.read_text().replace(f"{out_dir.resolve()}/", ""))
+    return result
+
+
+def _run_both(onnx_path: Path, ort_path: Path, inputs: dict):
+    """Outputs of the ONNX and the ORT-format model on the same inputs."""
+    from benchmarks.latency import ort_feed, ort_session
+
+    outputs = []
+    for path in (onnx_path, ort_path):
+        session, _ = ort_session(path)
+        outputs.append(session.run(None, ort_feed(session, inputs)))
+        del session
+    return outputs

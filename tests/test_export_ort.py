@@ -1,0 +1,46 @@
+"""`--target ort`: ORT-format models + required_operators.config, checked against the ONNX ones."""
+
+import json
+import shutil
+
+import pytest
+
+from export.ort import OPS_CONFIG, convert_to_ort
+from toolchain import artifact as art
+
+from .conftest import manifests, run
+
+
+def test_convert_writes_ort_models_and_operator_config(finished_run, tmp_path):
+    onnx_dir = finished_run[0] / "02-export"
+    result = convert_to_ort(onnx_dir, tmp_path / "ort", progress=False)
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        assert (tmp_path / "ort" / component / "model.ort").stat().st_size > 0
+        assert not (tmp_path / "ort" / component / "model.onnx").exists()
+    ops = (tmp_path / "ort" / OPS_CONFIG).read_text()
+    assert "ai.onnx;" in ops and "Conv" in ops and "MatMul" in ops and str(tmp_path) not in ops
+    assert all(row["max_abs_err"] <= row["tolerance"] and row["reference"] == "onnx" for row in result["parity"])
+    assert (tmp_path / "ort" / "tokenizer" / "vocab.json").is_file()
+    assert (tmp_path / "ort" / "model_index.json").is_file()
+
+
+def test_convert_refuses_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no <component>/model.onnx"):
+        convert_to_ort(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_target_ort_reuses_the_sealed_onnx_export(finished_run, tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run[0], out)
+    sealed = manifests(out)
+    code = run(tiny_sd_dir, out, "--target", "ort")
+    assert code == 0
+    now = manifests(out)
+    assert now["01-prune"] == sealed["01-prune"] and now["02-export"] == sealed["02-export"]
+    assert art.load(out / "03-ort").kind == "ort" and not (out / "03-benchmark").exists()
+    deploy = out / "deploy" / "ort"
+    assert (deploy / OPS_CONFIG).is_file() and (deploy / "unet" / "model.ort").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["target"] == "ort"
+    assert {"onnxruntime", "ort"} <= {row["runtime"] for row in report["latency"]}
+    assert {row["format"] for row in report["parity"]} == {"onnx", "ort"}
