@@ -65,6 +65,22 @@ def test_from_stage_and_changed_setting_rerun_only_what_follows(finished_run, ti
     assert all(now2[k] != now[k] for k in ("01-prune", "02-export", "03-benchmark"))
     assert now2["00-source"] == now["00-source"]
     assert art.load(out / "01-prune").records["pruning"]["ratio"] == 0.5
+    assert run(tiny_sd_dir, out, "prune.ratio=0.5", "--force") == 0
+    now3 = manifests(out)
+    assert all(now3[k] != now2[k] for k in now3 if k != "00-source"), "--force re-runs every stage"
+
+
+def test_bench_remeasures_a_finished_run(finished_run, capsys):
+    assert main(["bench", str(finished_run[0])]) == 0
+    text = capsys.readouterr().out
+    assert "## Latency" in text and "onnxruntime" in text and "| prune |" in text
+    assert main(["bench", str(finished_run[0].parent)]) == 2
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, capsys):
+    code = main(["--target", "onnx", "--model", "someorg/some-model", "--out", str(tmp_path / "o"), "-q"])
+    assert code == 2 and "HF_HUB_OFFLINE" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_dry_run_prints_plan_and_touches_nothing(tiny_sd_dir, tmp_path, capsys):
