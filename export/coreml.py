@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.validate import PSNR_CEILING_DB, psnr
+from export.validate import PSNR_CEILING_DB, ParityError, psnr
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +108,14 @@ WEIGHTS_FILE = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
 _DTYPES = {65568: "float32", 65552: "float16", 131104: "int32", 65600: "float64"}
 
 
-class ParityError(RuntimeError):
-    """A converted component does not match PyTorch within its tolerance (checked on macOS only)."""
-
-
-class CoreMLCheckError(RuntimeError):
+class CoreMLCheckError(ParityError):
     """A written package does not have the inputs, outputs or compressed weights it should."""
 
 
 class SplitEinsumAttnProcessor:
     """diffusers attention processor computing attention head by head with einsum on [B, d, 1, S] tensors.
 
-    The formulation of Apple's SPLIT_EINSUM attention (ml-stable-diffusion `layer_norm`/`unet.py`,
+    The formulation of Apple's SPLIT_EINSUM attention (ml-stable-diffusion `python_coreml_stable_diffusion/attention.py`,
     "Deploying Transformers on the Apple Neural Engine"): queries, keys and values are laid out as
     [B, C, 1, S], split into `heads` chunks of d = C / heads channels, and each head does
     `einsum("bchq,bkhc->bkhq")` (scores [B, S_k, 1, S_q], softmax over keys) and
@@ -239,9 +235,12 @@ def _vae_decoder_inputs(pipe, rng) -> dict[str, np.ndarray]:
 def _convert(ct, module, inputs, output_names, precision, target):
     """Trace `module` on `inputs` and convert it to an ML program with fixed input shapes."""
     example = tuple(torch.from_numpy(v) for v in inputs.values())
+    module.eval()  # the caller's module gets its mode back in export_coreml
     with warnings.catch_warnings(), torch.no_grad():
         # diffusers and transformers branch on shapes in Python; with fixed shapes that is what we want.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # coremltools 9 converts TorchScript; torch's notice that jit.trace is deprecated says nothing here.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=DeprecationWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         mlmodel = ct.convert(
             traced,
@@ -406,7 +405,9 @@ def export_coreml(
             f"components {list(components)}: each must be one of {list(VALID_COMPONENTS)}, at least one, no repeats"
         )
     if set(compress_components) - set(VALID_COMPONENTS):
-        raise ValueError(f"compress_components {list(compress_components)}: each must be one of {list(VALID_COMPONENTS)}")
+        raise ValueError(
+            f"compress_components {list(compress_components)}: each must be one of {list(VALID_COMPONENTS)}"
+        )
     for knob, value, valid in (
         ("compute_precision", compute_precision, PRECISIONS),
         ("compression", compression, COMPRESSIONS),
@@ -493,7 +494,9 @@ def export_coreml(
         if spec["model_type"] != "mlProgram":
             problems.append(f"model type {spec['model_type']}, not mlProgram")
         if spec["spec_version"] < expected_version:
-            problems.append(f"spec version {spec['spec_version']} below {expected_version} ({minimum_deployment_target})")
+            problems.append(
+                f"spec version {spec['spec_version']} below {expected_version} ({minimum_deployment_target})"
+            )
         for given, side in ((inputs, "inputs"), (reference, "outputs")):
             for key, array in given.items():
                 found = spec[side].get(key)
@@ -517,7 +520,11 @@ def export_coreml(
             "export_s": round(export_s, 3),
         }
         logger.info(
-            "%s: converted in %.1f s, weights %d B (uncompressed %d B)", package.name, export_s, weights, uncompressed_weights
+            "%s: converted in %.1f s, weights %d B (uncompressed %d B)",
+            package.name,
+            export_s,
+            weights,
+            uncompressed_weights,
         )
 
         if on_mac:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.validate import onnx_parity
+from export.validate import ParityError, onnx_parity
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ EXTERNAL_DATA_NAME = "model.onnx_data"
 EXPORT_BATCH = 1  # traced at batch 1 ...
 PARITY_BATCH = 2  # ... and checked at batch 2, which proves the batch axis really is dynamic
 PARITY_SEED = 0
-
-
-class ParityError(RuntimeError):
-    """An exported component does not match PyTorch within its tolerance."""
 
 
 class TextEncoderForExport(torch.nn.Module):

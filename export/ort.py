@@ -38,15 +38,14 @@ def convert_to_ort(
     Returns {"parity": [{"component", "format": "ort", "reference": "onnx", "max_abs_err", "psnr_db",
     "tolerance"}],
     "files": {component: {"path", "size_bytes"}}, "operators_config": OPS_CONFIG}.
-    Raises export.onnx.ParityError when an .ort model differs from its ONNX source.
+    Raises export.validate.ParityError when an .ort model differs from its ONNX source.
     """
     import numpy as np
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     from tqdm.auto import tqdm
 
     from benchmarks.latency import component_inputs
-    from export.onnx import ParityError
-    from export.validate import psnr
+    from export.validate import ParityError, psnr
 
     styles = {s.name: s for s in OptimizationStyle}
     if optimization_style not in styles:

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+class ParityError(RuntimeError):
+    """An exported component does not match its reference within tolerance, or a written package
+    is not what it should be; the run fails with exit code 1."""
+
+
 # Identical outputs have an infinite PSNR; report this finite ceiling instead so the number
 # survives strict JSON (report.json, manifest.json). fp32 rounding alone lands near 140 dB.
 PSNR_CEILING_DB = 200.0

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -182,6 +183,18 @@ def test_validate_command(capsys, tmp_path):
     assert "prune.ratio=2.0" in capsys.readouterr().err
 
 
-def test_unsupported_target_exporter_is_bad_input(tiny_sd_dir, tmp_path, capsys):
-    code = main(["--target", "coreml", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "o"), "-q"])
-    assert code == 2 and "use --target onnx" in capsys.readouterr().err
+def test_target_coreml_reuses_the_sealed_prune(finished_run, tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run[0], out)
+    sealed = manifests(out)
+    assert run(tiny_sd_dir, out, "--target", "coreml", "coreml.compression=int8") == 0
+    assert manifests(out)["01-prune"] == sealed["01-prune"]
+    assert not (out / "02-export").exists() and art.load(out / "02-coreml").kind == "coreml"
+    deploy = out / "deploy" / "coreml"
+    for name in ("TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage", "vocab.json", "merges.txt"):
+        assert (deploy / name).exists(), name
+    spec = art.load(out / "02-coreml").metrics["spec"]["unet"]
+    assert spec["model_type"] == "mlProgram" and any(op.startswith("constexpr_") for op in spec["ops"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["target"] == "coreml"
+    assert any("macOS" in w for w in report["warnings"]) == (sys.platform != "darwin")

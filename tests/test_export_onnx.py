@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx import DEFAULT_TOLERANCES, PSNR_FLOOR_DB, ParityError, export_onnx
+from export.onnx import DEFAULT_TOLERANCES, PSNR_FLOOR_DB, export_onnx
+from export.validate import ParityError
 from export.validate import PSNR_CEILING_DB, psnr
 from toolchain.models.io import build_pipeline_from_configs, load_pipeline
 

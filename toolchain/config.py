@@ -27,15 +27,76 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Structural pruning of the UNet (stage `prune`)."""
+    """Structural pruning of the UNet (stage `prune`).
 
-    method: Literal["channels", "none"] = "channels"  # "none" skips the stage
-    ratio: float = 0.3  # share of channels removed per layer, in [0, 1)
-    importance: Literal["magnitude"] = "magnitude"  # channel importance criterion
+    channels: Diff-Pruning-style channel/head pruning (torch-pruning); bk-base / bk-small /
+    bk-tiny: BK-SDM block removal of SD-1.x/2.x UNets (the ratio/importance/taylor keys apply to
+    channels only).
+    """
+
+    method: Literal["channels", "bk-base", "bk-small", "bk-tiny", "none"] = "channels"  # "none" skips the stage
+    ratio: float = 0.3  # channels: share of channels removed per layer, in [0, 1)
+    importance: Literal["magnitude", "taylor", "random"] = "magnitude"  # channel importance criterion
+    global_pruning: bool = False  # channels: rank all layers together instead of per layer
+    # channels: module-name prefix -> its own ratio, e.g. {"mid_block": 0.5, "up_blocks.3": 0.1}
+    block_ratios: dict[str, float] = field(default_factory=dict)
+    taylor_steps: int = 50  # taylor: timesteps sampled evenly over [0, T), visited low to high noise
+    taylor_stop: float = 0.05  # taylor: stop once the loss falls below this share of its maximum
+    taylor_batch: int = 4  # taylor: random calibration latents per timestep
+    taylor_prompts: list[str] = field(default_factory=lambda: [""])  # taylor: text condition ("" = unconditional)
+    seed: int = 0  # taylor: calibration latents and noise
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"prune.ratio={self.ratio}: must be in [0, 1), e.g. prune.ratio=0.3")
+        for prefix, ratio in self.block_ratios.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ConfigError(
+                    f"prune.block_ratios.{prefix}={ratio}: must be in [0, 1), e.g. prune.block_ratios={{mid_block: 0.5}}"
+                )
+        if self.block_ratios and self.method != "channels":
+            raise ConfigError(
+                f"prune.block_ratios is set but prune.method={self.method!r} removes whole blocks; "
+                "use prune.method=channels or drop prune.block_ratios"
+            )
+        if self.taylor_steps < 1:
+            raise ConfigError(f"prune.taylor_steps={self.taylor_steps}: must be >= 1, e.g. prune.taylor_steps=50")
+        if not 0.0 <= self.taylor_stop < 1.0:
+            raise ConfigError(f"prune.taylor_stop={self.taylor_stop}: must be in [0, 1), e.g. prune.taylor_stop=0.05")
+        if self.taylor_batch < 1:
+            raise ConfigError(f"prune.taylor_batch={self.taylor_batch}: must be >= 1, e.g. prune.taylor_batch=4")
+        if not self.taylor_prompts:
+            raise ConfigError('prune.taylor_prompts is empty; pass at least one prompt, e.g. prune.taylor_prompts=[""]')
+
+
+@dataclass(frozen=True)
+class ConceptPruneConfig:
+    """ConceptPrune: zero the FFN weights skilled for the erased concepts (stage `concept_prune`).
+
+    Training-free and unstructured (no speed-up); the concepts come from `erase`.
+    """
+
+    enabled: bool = False  # run the stage (needs at least one --erase concept)
+    skill_ratio: float = 0.01  # share of each ff.net.2 row scored as skilled per step (paper: 0.01-0.02)
+    timesteps: int = 10  # the first tau sampling steps whose skilled weights are united
+    steps: int = 50  # DDIM steps of the scoring run (the paper samples 50)
+    guidance_scale: float = 7.5  # classifier-free guidance of the scoring run
+    seed: int = 0  # initial latent shared by every prompt
+
+    def __post_init__(self):
+        if not 0.0 < self.skill_ratio < 1.0:
+            raise ConfigError(
+                f"concept_prune.skill_ratio={self.skill_ratio}: must be in (0, 1), e.g. concept_prune.skill_ratio=0.01"
+            )
+        if self.steps < 1:
+            raise ConfigError(f"concept_prune.steps={self.steps}: must be >= 1, e.g. concept_prune.steps=50")
+        if not 1 <= self.timesteps <= self.steps:
+            raise ConfigError(
+                f"concept_prune.timesteps={self.timesteps}: must be in [1, concept_prune.steps={self.steps}], "
+                "e.g. concept_prune.timesteps=10"
+            )
+        if self.guidance_scale < 0:
+            raise ConfigError(f"concept_prune.guidance_scale={self.guidance_scale}: must be >= 0, e.g. 7.5")
 
 
 @dataclass(frozen=True)
@@ -58,6 +119,23 @@ class ExportConfig:
             raise ConfigError(f"export components {bad} are unknown; choose from {list(COMPONENTS)}")
         if "unet" not in self.components:
             raise ConfigError("export.components must include unet")
+
+
+@dataclass(frozen=True)
+class CoreMLConfig:
+    """Core ML conversion for `--target coreml` (stage `coreml`): ML programs for Apple's
+    StableDiffusion Swift package."""
+
+    precision: Literal["fp16", "fp32"] = "fp16"  # compute precision of every component
+    compression: Literal["none", "int8", "palettize4", "palettize6", "palettize8"] = "none"
+    compress_components: list[str] = field(default_factory=lambda: ["unet"])
+    attention: Literal["original", "split_einsum"] = "original"  # split_einsum suits the Neural Engine
+    minimum_deployment_target: Literal["iOS17", "iOS18"] = "iOS17"
+
+    def __post_init__(self):
+        bad = sorted(set(self.compress_components) - {"text_encoder", "unet", "vae_decoder"})
+        if bad:
+            raise ConfigError(f"coreml.compress_components {bad}: choose from text_encoder, unet, vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -94,6 +172,7 @@ class RunConfig:
     erase: list[str] = field(default_factory=list)  # concepts to erase (names or aliases)
     prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 

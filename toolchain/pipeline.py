@@ -71,6 +71,12 @@ def _ort(source, cfg, ctx):
     return ort.run(source, cfg, ctx)
 
 
+def _coreml(source, cfg, ctx):
+    from toolchain.stages import coreml
+
+    return coreml.run(source, cfg, ctx)
+
+
 def _benchmark(source, cfg, ctx):
     from toolchain.stages import benchmark
 
@@ -81,25 +87,25 @@ STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune, _prune),
     "export": Stage("export", 1, lambda c: c.export, _export),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization, _ort),
+    "coreml": Stage("coreml", 1, lambda c: c.coreml, _coreml),
     "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, _benchmark, extra=lambda c: {"erase": c.erase}),
 }
-EXPORTERS = {"onnx", "ort"}  # targets whose exporter exists in this version
 
 
 def plan(cfg: RunConfig) -> list[Stage]:
     """The stages this config runs, in order; refuses configs no stage chain can honour."""
-    if cfg.target not in EXPORTERS:
-        raise ConfigError(
-            f"--target {cfg.target}: this version exports only to {sorted(EXPORTERS)}; use --target onnx"
-        )
     for name in cfg.erase:
         load_concept(name)  # an unknown concept is bad input, found before any work
     stages = []
     if cfg.prune.method != "none":
         stages.append(STAGES["prune"])
-    stages.append(STAGES["export"])
-    if cfg.target == "ort":
-        stages.append(STAGES["ort"])
+    # Core ML converts from PyTorch; ORT format converts the ONNX export
+    if cfg.target == "coreml":
+        stages.append(STAGES["coreml"])
+    else:
+        stages.append(STAGES["export"])
+        if cfg.target == "ort":
+            stages.append(STAGES["ort"])
     stages.append(STAGES["benchmark"])
     return stages
 

@@ -31,8 +31,21 @@ def _random_importance():
     return tp.importance.RandomImportance()  # a baseline that magnitude should beat
 
 
-# Explicit allow-list of importance criteria: name -> factory.
-IMPORTANCES: dict[str, Callable[[], Any]] = {"magnitude": _magnitude_importance, "random": _random_importance}
+def _taylor_importance():
+    import torch_pruning as tp
+
+    # Diff-Pruning's variant: sum over a channel group of |w * g|, where g is the gradient
+    # accumulated over the timesteps by `accumulate_taylor_gradients` (multivariable=False).
+    return tp.importance.GroupTaylorImportance(multivariable=False)
+
+
+# Explicit allow-list of importance criteria: name -> factory. "taylor" needs gradients, which
+# `prune_unet_channels` accumulates itself before ranking.
+IMPORTANCES: dict[str, Callable[[], Any]] = {
+    "magnitude": _magnitude_importance,
+    "taylor": _taylor_importance,
+    "random": _random_importance,
+}
 
 
 def sync_diffusers_attributes(unet: nn.Module, attention_heads: dict[str, int] | None = None) -> None:
@@ -91,6 +104,79 @@ def default_example_inputs(unet: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def accumulate_taylor_gradients(
+    unet: nn.Module,
+    encoder_hidden_states: torch.Tensor,
+    noise_scheduler=None,
+    latents: torch.Tensor | None = None,
+    steps: int = 50,
+    stop: float = 0.05,
+    batch: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Accumulate the gradients of the denoising loss over timesteps (Diff-Pruning, VainF/Diff-Pruning).
+
+    Timesteps are `steps` evenly spaced values of [0, T) visited from low to high noise, as in
+    Diff-Pruning's `ddpm_prune.py` (it walks t = 0..999): the epsilon-prediction loss is largest
+    at small t and falls as t grows, so once `loss_t < stop * max(loss_0..t)` the remaining,
+    noisier steps are skipped ("Taylor expansion over pruned timesteps"). The step that triggers
+    the stop still contributes its gradient, as in the reference. Gradients are summed into
+    `param.grad` (no zero_grad between steps); `GroupTaylorImportance` then reads |w * grad|.
+
+    encoder_hidden_states: (B_text, seq, cross_attention_dim), repeated to cover the batch.
+    latents: clean latents (B, C, H, W); None draws `batch` standard-normal latents of the
+    UNet's sample_size. noise_scheduler: anything with `add_noise` and `config.num_train_timesteps`;
+    None means SD's DDPM schedule (scaled_linear, 0.00085..0.012, 1000 steps).
+    Returns {"timesteps": used, "losses": per used timestep, "stopped_early": bool}.
+    """
+    if steps < 1:
+        raise ValueError(f"taylor steps={steps}: must be >= 1")
+    if not 0.0 <= stop < 1.0:
+        raise ValueError(f"taylor stop={stop}: must be in [0, 1) (a share of the largest loss)")
+    if noise_scheduler is None:
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    param = next(unet.parameters())
+    config = unet.config
+    generator = torch.Generator().manual_seed(seed)
+    if latents is None:
+        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        latents = torch.randn(batch, config.in_channels, size, size, generator=generator)
+    latents = latents.to(param)
+    noise = torch.randn(latents.shape, generator=generator).to(param)  # one noise draw for all t
+    repeats = -(-latents.shape[0] // encoder_hidden_states.shape[0])
+    context = encoder_hidden_states.to(param).repeat(repeats, 1, 1)[: latents.shape[0]]
+    total = noise_scheduler.config.num_train_timesteps
+    timesteps = sorted({round(i * (total - 1) / max(steps - 1, 1)) for i in range(steps)})
+
+    requires_grad = {p: p.requires_grad for p in unet.parameters()}
+    unet.requires_grad_(True)
+    unet.zero_grad(set_to_none=True)
+    used, losses, loss_max = [], [], 0.0
+    try:
+        from tqdm.auto import tqdm
+
+        for t in tqdm(timesteps, desc="taylor", disable=not progress):
+            t_batch = torch.full((latents.shape[0],), t, dtype=torch.long, device=param.device)
+            noisy = noise_scheduler.add_noise(latents, noise, t_batch)
+            loss = torch.nn.functional.mse_loss(unet(noisy, t_batch, context).sample, noise)
+            loss.backward()
+            value = loss.item()
+            used.append(t)
+            losses.append(value)
+            loss_max = max(loss_max, value)
+            if value < stop * loss_max:
+                break
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+    stopped = len(used) < len(timesteps)
+    logger.info("taylor: %d of %d timesteps used (stop at %.3f of the max loss)", len(used), len(timesteps), stop)
+    return {"timesteps": used, "losses": losses, "stopped_early": stopped, "planned": len(timesteps)}
+
+
 def prune_unet_channels(
     unet: nn.Module,
     ratio: float,
@@ -98,10 +184,18 @@ def prune_unet_channels(
     example_inputs: dict | None = None,
     round_to: int | None = None,
     global_pruning: bool = False,
+    block_ratios: dict[str, float] | None = None,
+    taylor: dict | None = None,
 ) -> dict:
     """Remove `ratio` of the channels of every prunable layer group and of every attention's heads.
 
-    Prunes `unet` in place and returns the JSON-serialisable pruning record. Special cases:
+    Prunes `unet` in place and returns the JSON-serialisable pruning record.
+    block_ratios: module-name prefix ("down_blocks.0", "mid_block", "up_blocks.3") -> its own
+    ratio, for the channel groups rooted in that module and its attention heads (torch-pruning's
+    `pruning_ratio_dict` / `head_pruning_ratio_dict`). Channels coupled across blocks (the
+    residual stream) follow the ratio of the block their group is rooted in.
+    taylor: keyword arguments of `accumulate_taylor_gradients` (encoder_hidden_states is
+    required) for importance="taylor"; its summary goes into the record. Special cases:
     - `conv_out` is ignored: its output width is the latent channel count. `conv_in`'s input
       and `time_embedding.linear_1`'s input come from the model inputs / the parameter-free
       sinusoidal projection, so the dependency graph never prunes them.
@@ -123,6 +217,23 @@ def prune_unet_channels(
         raise ValueError(
             f"round_to={round_to}: not supported for UNets (torch-pruning 1.6.1 would skip every "
             "GroupNorm-coupled layer); widths already come in multiples of norm_num_groups, pass None"
+        )
+    block_ratios = dict(block_ratios or {})
+    for prefix, block_ratio in block_ratios.items():
+        if not 0.0 <= block_ratio < 1.0:
+            raise ValueError(f"block_ratios[{prefix!r}]={block_ratio}: must be in [0, 1)")
+    modules = dict(unet.named_modules())
+    unknown = [prefix for prefix in block_ratios if prefix not in modules or prefix == ""]
+    if unknown:
+        top = [n for n, _ in unet.named_children()]
+        raise ValueError(
+            f"block_ratios: {unknown} name no module of this UNet; use module names such as "
+            f"'down_blocks.0', 'mid_block', 'up_blocks.1.attentions.0' (top level: {top})"
+        )
+    if importance == "taylor" and (taylor is None or "encoder_hidden_states" not in taylor):
+        raise ValueError(
+            "importance='taylor' needs taylor={'encoder_hidden_states': ...} (the text condition "
+            "of the calibration batch), plus optional steps, stop, latents, noise_scheduler"
         )
     import torch_pruning as tp
     from diffusers.models.activations import GEGLU, SwiGLU
@@ -147,12 +258,18 @@ def prune_unet_channels(
         prune_num_heads=True,
         prune_head_dims=False,
         head_pruning_ratio=ratio,
+        pruning_ratio_dict={modules[prefix]: r for prefix, r in block_ratios.items()},
+        head_pruning_ratio_dict={modules[prefix]: r for prefix, r in block_ratios.items()},
         # Fresh dicts: torch-pruning's defaults are shared mutable dicts that it writes into.
         in_channel_groups={},
         out_channel_groups=split_outputs,
         output_transform=lambda output: output.sample,
     )
+    taylor_summary = None
+    if importance == "taylor":
+        taylor_summary = accumulate_taylor_gradients(unet, **taylor)
     pruner.step()
+    unet.zero_grad(set_to_none=True)  # the Taylor gradients are spent; pruned shapes differ
     sync_diffusers_attributes(unet)
 
     params_after = sum(p.numel() for p in unet.parameters())
@@ -163,6 +280,8 @@ def prune_unet_channels(
         "importance": importance,
         "global_pruning": global_pruning,
         "round_to": round_to,
+        "block_ratios": block_ratios,
+        "taylor": taylor_summary,
         "base_config": base_config,
         "shapes": {key: list(tensor.shape) for key, tensor in unet.state_dict().items()},
         "attention_heads": {n: m.heads for n, m in unet.named_modules() if isinstance(m, Attention)},

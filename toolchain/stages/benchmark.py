@@ -68,6 +68,11 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
     exported = [a for a in chain if a.kind in ("onnx", "ort")]
     latency, warnings = [], []
     evaluation = _evaluation_plan(chain[0], ctx.config.erase, cfg.judge)
+    if any(a.kind == "coreml" and not a.metrics.get("prediction_checked") for a in chain):
+        warnings.append(
+            "Core ML prediction needs macOS: the .mlpackage files were checked by their spec only; "
+            "run device_tests/ on a Mac for parity and latency"
+        )
     if ctx.config.erase:
         warnings.append(
             "this version has no unlearning stage: the erased concepts are measured, not yet removed"

@@ -1,7 +1,7 @@
 """Stage `export`: the pipeline's components to the target format, each behind a parity gate.
 
 A component whose output differs from PyTorch by more than its tolerance fails the stage
-(`export.onnx.ParityError`, exit code 1); the measured errors go into the manifest.
+(`export.validate.ParityError`, exit code 1); the measured errors go into the manifest.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from toolchain.models.io import load_pipeline
 
 
 def run(source: Artifact, cfg: ExportConfig, ctx) -> Artifact:
-    from export.onnx import ParityError, export_onnx
+    from export.onnx import export_onnx
+    from export.validate import ParityError
     from toolchain.pipeline import GateError
     from toolchain.stages.benchmark import component_params
 

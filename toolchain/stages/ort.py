@@ -10,7 +10,7 @@ from toolchain.artifact import Artifact, folder_size
 
 
 def run(source: Artifact, optimization_style: str, ctx) -> Artifact:
-    from export.onnx import ParityError
+    from export.validate import ParityError
     from export.ort import convert_to_ort
     from toolchain.pipeline import GateError
 
