@@ -202,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         result["variants"][variant] = row
         del unet
         gc.collect()  # one SD-1.5 UNet (3.4 GB fp32) at a time
-        print(f"{variant}: {row['params'] / 1e6:.1f} M params, {row['macs'] / 1e9:.1f} GMACs, "
-              f"torch {row['torch']['median_ms']:.0f} ms"
-              + (f", ORT {row['ort']['median_ms']:.0f} ms" if "ort" in row else "")
-              + f" ({row['total_s']:.0f} s)", flush=True)
+        print(
+            f"{variant}: {row['params'] / 1e6:.1f} M params, {row['macs'] / 1e9:.1f} GMACs, "
+            f"torch {row['torch']['median_ms']:.0f} ms"
+            + (f", ORT {row['ort']['median_ms']:.0f} ms" if "ort" in row else "")
+            + f" ({row['total_s']:.0f} s)",
+            flush=True,
+        )
 
     base = result["variants"].get("unpruned")
     for row in result["variants"].values():

@@ -14,9 +14,12 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   compress --target onnx                      embedded digits model -> runs/compress/deploy/onnx/
+  compress --target coreml                    Core ML packages for Apple's Swift pipeline
+  compress --target ort                       ORT format + required_operators.config (Android)
   compress --target onnx --dry-run            print the plan, touch nothing
   compress --target onnx prune.ratio=0.5      override any recipe key with key=value
-  compress --target onnx --model ./sd-1-5 --recipe default --out runs/sd15
+  compress --target onnx --model ./sd-1-5 --out runs/sd15 benchmark.judge=none
+  compress --target onnx --erase 7            score digit 7's leakage at every stage
   compress --target onnx --from-stage export  re-run export and everything after it
   compress validate configs/recipes/tiny.yaml check a recipe without loading a model
   compress bench runs/compress                 re-measure a finished run's report

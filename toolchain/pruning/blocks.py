@@ -61,7 +61,8 @@ def _check_layout(config: dict, preset: str) -> None:
         problems.append("a transformer_layers_per_block without nested lists (SDXL-style layouts are not supported)")
     if problems:
         raise ValueError(
-            f"{preset}: needs an SD-1.x/2.x UNet layout: " + "; ".join(problems)
+            f"{preset}: needs an SD-1.x/2.x UNet layout: "
+            + "; ".join(problems)
             + ". Use method 'channels' for other UNets."
         )
 

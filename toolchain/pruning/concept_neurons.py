@@ -29,8 +29,16 @@ def ffn_output_layers(unet: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def _column_norms(pipe, layers: dict[str, nn.Linear], prompts: list[str], timesteps: int, steps: int,
-                  seed: int, guidance_scale: float, batch_size: int) -> dict[str, torch.Tensor]:
+def _column_norms(
+    pipe,
+    layers: dict[str, nn.Linear],
+    prompts: list[str],
+    timesteps: int,
+    steps: int,
+    seed: int,
+    guidance_scale: float,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
     """Squared column norms of the row-normalised inputs of `layers`, per early step.
 
     Returns {layer: (timesteps, in_features)}; every prompt starts from the same seeded latent.
@@ -79,8 +87,9 @@ def _column_norms(pipe, layers: dict[str, nn.Linear], prompts: list[str], timest
     return squares
 
 
-def skilled_weights(weight: torch.Tensor, target_norm: torch.Tensor, base_norm: torch.Tensor,
-                    skill_ratio: float) -> torch.Tensor:
+def skilled_weights(
+    weight: torch.Tensor, target_norm: torch.Tensor, base_norm: torch.Tensor, skill_ratio: float
+) -> torch.Tensor:
     """Boolean mask (out, in) of one step: per row, the top `skill_ratio` of the target WANDA
     scores |W| * ||A_target|| that also beat the base score |W| * ||A_base||.
 
@@ -158,7 +167,9 @@ def concept_prune(
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     logger.info(
         "concept_prune: zeroed %d of %d ff.net.2 weights (%.3f%% of the UNet)",
-        zeroed_total, ffn_total, 100 * zeroed_total / unet_params,
+        zeroed_total,
+        ffn_total,
+        100 * zeroed_total / unet_params,
     )
     return {
         "method": "concept-prune",

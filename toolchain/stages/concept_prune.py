@@ -67,7 +67,9 @@ def run(source: Artifact, cfg: ConceptPruneConfig, ctx) -> Artifact:
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     logger.info(
         "concept_prune: zeroed %d of %d ff.net.2 weights for %s",
-        record["zeroed_total"], record["ffn_weights_total"], ", ".join(ctx.config.erase),
+        record["zeroed_total"],
+        record["ffn_weights_total"],
+        ", ".join(ctx.config.erase),
     )
     return Artifact(
         path=out,
@@ -75,7 +77,15 @@ def run(source: Artifact, cfg: ConceptPruneConfig, ctx) -> Artifact:
         records={
             "concept_prune": {
                 k: summary[k]
-                for k in ("erase", "skill_ratio", "timesteps", "steps", "zeroed_total", "ffn_weights_total", "unet_params")
+                for k in (
+                    "erase",
+                    "skill_ratio",
+                    "timesteps",
+                    "steps",
+                    "zeroed_total",
+                    "ffn_weights_total",
+                    "unet_params",
+                )
             }
         },
         metrics={"params": component_params(out), "size_bytes": folder_size(out)},

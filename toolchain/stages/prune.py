@@ -33,8 +33,11 @@ def _taylor_calibration(source: Artifact, cfg: PruneConfig) -> dict:
         source.files / "text_encoder", use_safetensors=True, local_files_only=True
     ).eval()
     tokens = tokenizer(
-        list(cfg.taylor_prompts), padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        list(cfg.taylor_prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     )
     with torch.no_grad():
         encoder_hidden_states = text_encoder(tokens.input_ids)[0]
@@ -69,7 +72,15 @@ def run(source: Artifact, cfg: PruneConfig, ctx) -> Artifact:
         )
         summary = {
             k: record[k]
-            for k in ("method", "ratio", "importance", "global_pruning", "block_ratios", "params_before", "params_after")
+            for k in (
+                "method",
+                "ratio",
+                "importance",
+                "global_pruning",
+                "block_ratios",
+                "params_before",
+                "params_after",
+            )
         }
         if record["taylor"] is not None:
             summary["taylor"] = record["taylor"]
