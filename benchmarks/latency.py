@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -60,7 +60,9 @@ def component_inputs(pipeline_dir: Path, component: str, batch: int, seed: int =
         }
     if component == "vae_decoder":
         vae = _read_config(pipeline_dir, "vae" if (pipeline_dir / "vae").is_dir() else "vae_decoder")
-        return {"latent_sample": rng.standard_normal((max(1, batch // 2), vae["latent_channels"], *size)).astype(np.float32)}
+        return {
+            "latent_sample": rng.standard_normal((max(1, batch // 2), vae["latent_channels"], *size)).astype(np.float32)
+        }
     raise ValueError(f"no example inputs for component {component!r}")
 
 
@@ -102,8 +104,12 @@ def ort_session(onnx_path: Path, threads: int = 0):
 def ort_feed(session, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cast inputs to the dtypes the graph declares; a scalar input (optimum's UNet timestep)
     takes the first element."""
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
+    dtypes = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+    }
     feed = {}
     for spec in session.get_inputs():
         value = inputs[spec.name].astype(dtypes.get(spec.type, np.float32))

@@ -47,17 +47,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("warnings"):
         lines.append("")
     lines += ["## Stages", ""]
-    lines += _table(report.get("stages", []),
-                    ["name", "params", "size_bytes", "leakage", "retain_accuracy", "fid", "wall_s"])
+    lines += _table(
+        report.get("stages", []), ["name", "params", "size_bytes", "leakage", "retain_accuracy", "fid", "wall_s"]
+    )
     if report.get("per_label_accuracy"):
         lines += ["## Judge accuracy per label", ""]
         rows = [{"stage": s, **acc} for s, acc in report["per_label_accuracy"].items()]
         labels = sorted({k for acc in report["per_label_accuracy"].values() for k in acc})
         lines += _table(rows, ["stage", *labels])
     lines += ["## Latency", ""]
-    lines += _table(report.get("latency", []),
-                    ["runtime", "profile", "stage", "component", "batch", "median_ms", "p90_ms", "provider"])
+    lines += _table(
+        report.get("latency", []),
+        ["runtime", "profile", "stage", "component", "batch", "median_ms", "p90_ms", "provider"],
+    )
     lines += ["## Parity (each format against its reference)", ""]
-    lines += _table(report.get("parity", []),
-                    ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"])
+    lines += _table(
+        report.get("parity", []), ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"]
+    )
     return "\n".join(lines)

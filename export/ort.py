@@ -58,8 +58,12 @@ def convert_to_ort(
         if item.name.startswith(".") or item.name == "manifest.json":
             continue
         if item.is_dir():
-            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data"))
+            shutil.copytree(
+                item,
+                out_dir / item.name,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data"),
+            )
         else:
             shutil.copy2(item, out_dir / item.name)
 
@@ -82,16 +86,27 @@ def convert_to_ort(
         ort_path = out_dir / name / "model.ort"
         if not ort_path.is_file():
             raise RuntimeError(f"{name}: the converter wrote no {ort_path}")
-        onnx_out, ort_out = _run_both(onnx_dir / name / "model.onnx", ort_path,
-                                      component_inputs(onnx_dir, name, batch=2))
+        onnx_out, ort_out = _run_both(
+            onnx_dir / name / "model.onnx", ort_path, component_inputs(onnx_dir, name, batch=2)
+        )
         max_err = max(float(np.max(np.abs(a - b))) for a, b in zip(onnx_out, ort_out, strict=True))
         worst_psnr = min(psnr(a, b) for a, b in zip(onnx_out, ort_out, strict=True))
-        result["parity"].append({"component": name, "format": "ort", "reference": "onnx",
-                                 "max_abs_err": max_err, "psnr_db": worst_psnr, "tolerance": tolerance})
+        result["parity"].append(
+            {
+                "component": name,
+                "format": "ort",
+                "reference": "onnx",
+                "max_abs_err": max_err,
+                "psnr_db": worst_psnr,
+                "tolerance": tolerance,
+            }
+        )
         result["files"][name] = {"path": f"{name}/model.ort", "size_bytes": ort_path.stat().st_size}
         if not max_err <= tolerance:
-            raise ParityError(f"{name}: the ORT-format model differs from its ONNX source by max abs error "
-                              f"{max_err:.3g}, over the tolerance {tolerance:.3g}")
+            raise ParityError(
+                f"{name}: the ORT-format model differs from its ONNX source by max abs error "
+                f"{max_err:.3g}, over the tolerance {tolerance:.3g}"
+            )
     ops_config = out_dir / OPS_CONFIG
     if not ops_config.is_file():
         raise RuntimeError(f"the converter wrote no {OPS_CONFIG}")

@@ -13,14 +13,21 @@ from toolchain import artifact as art
 from toolchain.cli import main
 from toolchain.pipeline import RunLock
 
-
 from .conftest import manifests, run
+
 
 def test_end_to_end_outputs(finished_run):
     out, _ = finished_run
     deploy = out / "deploy" / "onnx"
-    for rel in ("model_index.json", "text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx",
-                "tokenizer/vocab.json", "scheduler/scheduler_config.json", "report.json"):
+    for rel in (
+        "model_index.json",
+        "text_encoder/model.onnx",
+        "unet/model.onnx",
+        "vae_decoder/model.onnx",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+        "report.json",
+    ):
         assert (deploy / rel).is_file(), rel
     assert not list(out.glob("*.partial")) and not (deploy / "manifest.json").exists()
     report = json.loads((out / "report.json").read_text())

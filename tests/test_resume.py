@@ -15,8 +15,21 @@ from .conftest import run
 
 def test_killed_run_resumes_to_identical_outputs(finished_run, tiny_sd_dir, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "toolchain.cli", "--target", "onnx", "--model", str(tiny_sd_dir),
-           "--recipe", "tiny", "--out", str(out), "--no-progress", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "toolchain.cli",
+        "--target",
+        "onnx",
+        "--model",
+        str(tiny_sd_dir),
+        "--recipe",
+        "tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+        "-q",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     # kill once the export stage has started writing (prune is sealed by then)

@@ -37,7 +37,9 @@ def _run_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", metavar="{onnx,ort,coreml}", help="deployment format (default: the recipe's, else onnx)")
+    parser.add_argument(
+        "--target", metavar="{onnx,ort,coreml}", help="deployment format (default: the recipe's, else onnx)"
+    )
     parser.add_argument("--model", help="diffusers pipeline folder (default: the embedded digits model)")
     parser.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: default)")
     parser.add_argument("--out", default="runs/compress", help="run folder (default: runs/compress)")
@@ -52,13 +54,18 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _validate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress validate", description="Validate recipes, target profiles or concept files without loading a model.")
+    parser = argparse.ArgumentParser(
+        prog="compress validate",
+        description="Validate recipes, target profiles or concept files without loading a model.",
+    )
     parser.add_argument("files", nargs="+", type=Path, help="YAML files (their folder says their kind)")
     return parser
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compress bench", description="Re-measure a finished run and print its report.")
+    parser = argparse.ArgumentParser(
+        prog="compress bench", description="Re-measure a finished run and print its report."
+    )
     parser.add_argument("path", type=Path, help="a run folder written by `compress`")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the markdown table")
     return parser

@@ -17,9 +17,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from toolchain import artifact as art
 from toolchain.config import ConfigError, RunConfig, load_concept, to_dict
@@ -155,7 +156,9 @@ class RunLock:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.handle.close()
-            raise ConfigError(f"--out {self.file.parent}: another compress run is writing there; wait or pick another --out") from None
+            raise ConfigError(
+                f"--out {self.file.parent}: another compress run is writing there; wait or pick another --out"
+            ) from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(str(os.getpid()))

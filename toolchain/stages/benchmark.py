@@ -74,9 +74,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
             "run device_tests/ on a Mac for parity and latency"
         )
     if ctx.config.erase:
-        warnings.append(
-            "this version has no unlearning stage: the erased concepts are measured, not yet removed"
-        )
+        warnings.append("this version has no unlearning stage: the erased concepts are measured, not yet removed")
 
     stages, per_label = [], {}
     for artifact in chain:
@@ -99,8 +97,17 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
     for artifact in (torch_stages[0], torch_stages[-1]) if len(torch_stages) > 1 else torch_stages[:1]:
         unet = load_unet(artifact.files / "unet")
         timing = torch_unet_latency(unet, unet_inputs, cfg.warmup, cfg.repeats)
-        latency.append({"runtime": "torch", "profile": "desktop-cpu", "stage": artifact.stage, "component": "unet",
-                        "batch": cfg.batch, "provider": "cpu", **timing})
+        latency.append(
+            {
+                "runtime": "torch",
+                "profile": "desktop-cpu",
+                "stage": artifact.stage,
+                "component": "unet",
+                "batch": cfg.batch,
+                "provider": "cpu",
+                **timing,
+            }
+        )
         del unet
     for artifact in exported:
         runtime = {"onnx": "onnxruntime", "ort": "ort"}[artifact.kind]
@@ -109,8 +116,17 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
             inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
             timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
             batch = next(iter(inputs.values())).shape[0]
-            latency.append({"runtime": runtime, "profile": "desktop-cpu", "stage": artifact.stage,
-                            "component": component, "batch": int(batch), "provider": provider, **timing})
+            latency.append(
+                {
+                    "runtime": runtime,
+                    "profile": "desktop-cpu",
+                    "stage": artifact.stage,
+                    "component": component,
+                    "batch": int(batch),
+                    "provider": provider,
+                    **timing,
+                }
+            )
             del session
 
     report = {

@@ -39,8 +39,10 @@ def run(source: Artifact, cfg: CoreMLConfig, ctx) -> Artifact:
     return Artifact(
         path=ctx.out_dir,
         kind="coreml",
-        records={k: result[k] for k in ("precision", "compression", "attention", "minimum_deployment_target",
-                                        "decoder_scale_factor")},
+        records={
+            k: result[k]
+            for k in ("precision", "compression", "attention", "minimum_deployment_target", "decoder_scale_factor")
+        },
         metrics={
             "files": result["files"],
             "spec": result["spec"],
