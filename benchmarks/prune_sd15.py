@@ -137,7 +137,7 @@ def to_markdown(result: dict) -> str:
         r = row["ratios"]
 
         def cell(value, ratio):
-            return ("-" if value is None else f"{value:.1f}", "-" if ratio is None else f"{ratio:.2f}")
+            return ("-" if value is None else f"{value:.4g}", "-" if ratio is None else f"{ratio:.2f}")
 
         cells = [
             *cell(row["params"] / 1e6, r.get("params")),

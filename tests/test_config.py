@@ -48,7 +48,7 @@ def test_override_parsing():
         ("prune.ratio=1.0", r"prune.ratio=1.0: must be in \[0, 1\)"),
         ("prune.ratio=-0.1", "must be in"),
         ("prune.ratoi=0.5", "unknown key prune.ratoi; valid keys here: method, ratio, importance"),
-        ("prune.importance=taylor", "must be one of"),
+        ("prune.importance=hessian", "must be one of"),
         ("export.opset=11", "lowest supported opset is 14"),
         ("export.components=[unet,foo]", "unknown"),
         ("benchmark.repeats=0", "must be >= 1"),

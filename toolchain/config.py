@@ -171,6 +171,7 @@ class RunConfig:
     description: str = ""  # what the recipe is for (shown by `compress validate`)
     erase: list[str] = field(default_factory=list)  # concepts to erase (names or aliases)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)

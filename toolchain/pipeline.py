@@ -3,6 +3,7 @@
 Run folder layout (`--out`):
     00-source/manifest.json      points at the input model (never copied, never modified)
     01-prune/                    diffusers folder + manifest.json
+    02-concept_prune/            (with concept_prune.enabled) skilled neurons of --erase zeroed
     02-export/                   target-format folder + manifest.json
     03-benchmark/                report.json, report.md + manifest.json
     deploy/<target>/             the deliverable, laid out as the target's users expect
@@ -60,6 +61,12 @@ def _prune(source, cfg, ctx):
     return prune.run(source, cfg, ctx)
 
 
+def _concept_prune(source, cfg, ctx):
+    from toolchain.stages import concept_prune
+
+    return concept_prune.run(source, cfg, ctx)
+
+
 def _export(source, cfg, ctx):
     from toolchain.stages import export
 
@@ -86,6 +93,9 @@ def _benchmark(source, cfg, ctx):
 
 STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune, _prune),
+    "concept_prune": Stage(
+        "concept_prune", 1, lambda c: c.concept_prune, _concept_prune, extra=lambda c: {"erase": c.erase}
+    ),
     "export": Stage("export", 1, lambda c: c.export, _export),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization, _ort),
     "coreml": Stage("coreml", 1, lambda c: c.coreml, _coreml),
@@ -100,6 +110,10 @@ def plan(cfg: RunConfig) -> list[Stage]:
     stages = []
     if cfg.prune.method != "none":
         stages.append(STAGES["prune"])
+    if cfg.concept_prune.enabled:
+        if not cfg.erase:
+            raise ConfigError("concept_prune.enabled=true needs a concept to erase; pass --erase CONCEPT")
+        stages.append(STAGES["concept_prune"])
     # Core ML converts from PyTorch; ORT format converts the ONNX export
     if cfg.target == "coreml":
         stages.append(STAGES["coreml"])

@@ -128,7 +128,7 @@ def accumulate_taylor_gradients(
     latents: clean latents (B, C, H, W); None draws `batch` standard-normal latents of the
     UNet's sample_size. noise_scheduler: anything with `add_noise` and `config.num_train_timesteps`;
     None means SD's DDPM schedule (scaled_linear, 0.00085..0.012, 1000 steps).
-    Returns {"timesteps": used, "losses": per used timestep, "stopped_early": bool}.
+    Returns {"timesteps": used, "losses": per used timestep, "stopped_early": bool, "planned": n}.
     """
     if steps < 1:
         raise ValueError(f"taylor steps={steps}: must be >= 1")
