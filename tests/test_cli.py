@@ -99,6 +99,14 @@ def test_dry_run_prints_plan_and_touches_nothing(tiny_sd_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_erase_then_overrides_and_concept_prune_plan(tiny_sd_dir, tmp_path, capsys):
+    assert run(tiny_sd_dir, tmp_path / "o", "--dry-run", "--erase", "7", "concept_prune.enabled=true") == 0
+    text = capsys.readouterr().out
+    assert "erase   7" in text and "02-concept_prune" in text and "03-export" in text
+    assert run(tiny_sd_dir, tmp_path / "o", "--dry-run", "concept_prune.enabled=true") == 2
+    assert "needs a concept to erase" in capsys.readouterr().err
+
+
 def test_dry_run_reports_sealed_stages(finished_run, tiny_sd_dir, capsys):
     assert run(tiny_sd_dir, finished_run[0], "--dry-run") == 0
     assert capsys.readouterr().out.count("skip: sealed") == 3

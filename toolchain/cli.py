@@ -84,7 +84,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from toolchain.config import load_config
     from toolchain.models.io import resolve_model
 
-    cfg, sources = load_config(args.recipe, args.target, args.overrides, args.erase)
+    # `--erase 7 prune.ratio=0.5`: nargs="+" also swallows the overrides; no concept has a "="
+    erase = [e for e in args.erase if "=" not in e]
+    overrides = [e for e in args.erase if "=" in e] + args.overrides
+    cfg, sources = load_config(args.recipe, args.target, overrides, erase)
     model = resolve_model(args.model)
     out = Path(args.out).resolve()
     stages = pipeline.plan(cfg)
