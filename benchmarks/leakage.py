@@ -188,7 +188,7 @@ def evaluate_concepts(
 
     fid = None
     if real_images is None and hasattr(judge, "reference_images") and retained.any():
-        real_images = judge.reference_images([str(lab) for lab in retain])
+        real_images = judge.reference_images([str(lab) for lab in retain], size=images.shape[1])
     if real_images is not None and retained.sum() >= 2 and len(real_images) >= 2:
         from benchmarks.quality import judge_fid
 

@@ -75,14 +75,17 @@ class DigitsJudge:
         """(N, N_FEATURES): projection on the principal components of real digits (for FID)."""
         return (self.to_vectors(images) - self._mean) @ self._projection
 
-    def reference_images(self, labels=None) -> np.ndarray:
-        """(M, 8, 8) real held-out digits (never seen by the generator) of `labels` (default all):
-        the real side of judge FID."""
+    def reference_images(self, labels=None, size: int = 8) -> np.ndarray:
+        """(M, size, size) real held-out digits (never seen by the generator) of `labels`
+        (default all): the real side of judge FID. Pass the generated images' size so real
+        digits take the same upsample -> downsample path (the blur of that path alone moves
+        FID far more than the real-vs-real sampling noise)."""
         split = digits.load_split()
         keep = np.ones(len(split.heldout_labels), bool)
         if labels is not None:
             keep = np.isin(split.heldout_labels.astype(str), [str(label) for label in labels])
-        return split.heldout_images[keep]
+        images = split.heldout_images[keep]
+        return images if size == 8 else digits.upsample(images, size)
 
     def accuracy(self, images: np.ndarray, labels) -> float:
         """Share of images judged as their label (labels: ints or class names)."""

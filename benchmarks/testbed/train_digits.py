@@ -275,7 +275,7 @@ def _restore(state_dir: Path, modules: dict, optimizer, generator) -> None:
 # --------------------------------------------------------------------------- phases
 
 
-def _lr_lambda(cfg: TrainConfig, total: int):
+def _lr_lambda(cfg: TrainConfig):
     """Linear warm-up, then inverse-square-root decay. It depends on the step only, not on the
     total, so a run stopped at step N and one started with --unet-steps N are the same run."""
 
@@ -308,7 +308,7 @@ def train_vae(cfg: TrainConfig, pixels: torch.Tensor, state_dir: Path, resume: b
         _restore(state_dir, {"vae": vae}, opt, gen)
         start = state["step"]
         logger.info("resuming VAE at step %d", start)
-    sched = _lr_schedule(opt, _lr_lambda(cfg, cfg.vae_steps), start)
+    sched = _lr_schedule(opt, _lr_lambda(cfg), start)
     vae.train()
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae", mininterval=5)
     for step in bar:
@@ -361,7 +361,7 @@ def train_unet(cfg: TrainConfig, vae, tokenizer, pixels, labels, state_dir: Path
         _restore(state_dir, {"unet": unet, "text_encoder": text_encoder, "ema": ema}, opt, gen)
         start = state["step"]
         logger.info("resuming UNet at step %d", start)
-    sched = _lr_schedule(opt, _lr_lambda(cfg, cfg.unet_steps), start)
+    sched = _lr_schedule(opt, _lr_lambda(cfg), start)
 
     unet.train()
     text_encoder.train()
@@ -431,6 +431,8 @@ def train(out: str | Path, cfg: TrainConfig, resume: bool = False) -> Path:
         requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(out, safe_serialization=True)
+    # names the judge that scores this model's images, so `compress` reports per-digit accuracy
+    (out / "judge.json").write_text(json.dumps({"judge": "digits"}) + "\n")
     wall = time.time() - t0
     (out / "training.json").write_text(
         json.dumps(
