@@ -17,7 +17,7 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
+    if value is None or value == {} or value == []:
         return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
