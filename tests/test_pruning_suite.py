@@ -419,13 +419,7 @@ def test_importance_choices_match_the_registry():
 # ConceptPrune on the trained digits model
 
 
-def digits_model_ready() -> bool:
-    card = DIGITS_MODEL / "README.md"
-    return (DIGITS_MODEL / "model_index.json").is_file() and card.is_file() and "complete" in card.read_text().lower()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not digits_model_ready(), reason="the digits model is not trained yet")
 def test_concept_prune_erases_digit_seven_on_the_digits_model():
     from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
     from toolchain.config import load_concept
@@ -436,7 +430,9 @@ def test_concept_prune_erases_digit_seven_on_the_digits_model():
     generate = diffusers_generator(pipe, steps=25, guidance_scale=5.0)
     erase, retain = {concept.label: concept.erase_prompts[:2]}, concept.retain_prompts
     before = evaluate_concepts(generate, judge, erase=erase, retain=retain, n_per_prompt=8, seed=0)
-    concept_prune(pipe, concept.erase_prompts, [concept.anchor_prompt], 0.02, 10, 25, 0, guidance_scale=5.0)
+    # At the paper's 1-2% nothing changes on this small model (measured: 7 stays at 1.0); 30% of
+    # each ff.net.2 row is where the digit starts to go (1.0 -> 0.89 with the others at 1.0).
+    concept_prune(pipe, concept.erase_prompts, [concept.anchor_prompt], 0.3, 10, 25, 0, guidance_scale=5.0)
     after = evaluate_concepts(generate, judge, erase=erase, retain=retain, n_per_prompt=8, seed=0)
     print("leakage", before.leakage, "->", after.leakage, "retain", before.retain_accuracy, "->", after.retain_accuracy)
     assert after.leakage["7"] < before.leakage["7"]
