@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 class ParityError(RuntimeError):
     """An exported component does not match its reference within tolerance, or a written package
     is not what it should be; the run fails with exit code 1."""

@@ -213,3 +213,15 @@ def test_target_coreml_reuses_the_sealed_prune(finished_run, tiny_sd_dir, tmp_pa
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["target"] == "coreml"
     assert any("macOS" in w for w in report["warnings"]) == (sys.platform != "darwin")
+
+
+def test_failed_parity_gate_exits_1_with_the_numbers(finished_run, tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run[0], out)
+    before = manifests(out)
+    assert run(tiny_sd_dir, out, "export.tolerance={unet: 0.0}") == 1
+    err = capsys.readouterr().err
+    assert "gate failed: unet:" in err and "over the tolerance 0" in err
+    assert manifests(out)["02-export"] == before["02-export"], "a failed gate seals nothing"
+    assert (out / "02-export.partial").is_dir()
+    assert not (out / "deploy" / "onnx").exists() and not (out / "report.json").exists(), "no stale deliverable"

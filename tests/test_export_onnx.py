@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from export.onnx import DEFAULT_TOLERANCES, PSNR_FLOOR_DB, export_onnx
-from export.validate import ParityError
-from export.validate import PSNR_CEILING_DB, psnr
+from export.validate import PSNR_CEILING_DB, ParityError, psnr
 from toolchain.models.io import build_pipeline_from_configs, load_pipeline
 
 TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"

@@ -253,6 +253,10 @@ def run(
         for folder in out.glob("[0-9][0-9]-*"):  # stages of an earlier, different plan
             if folder.name.removesuffix(art.PARTIAL_SUFFIX) not in expected:
                 shutil.rmtree(folder)
+        # the deliverable is rebuilt at the end: a run that fails must not leave an older one
+        shutil.rmtree(out / "deploy" / cfg.target, ignore_errors=True)
+        for name in ("report.json", "report.md"):
+            (out / name).unlink(missing_ok=True)
         chain = [_seal_source(model, out)]
         rerun = force
         for i, stage in enumerate(stages, 1):

@@ -189,6 +189,18 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
             link_or_copy(item, target)
 
 
+def link_pipeline(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Share every top-level entry of pipeline folder `src` with `dst`, except `skip` (what the
+    stage rewrites), the manifest and hidden files."""
+    for item in src.iterdir():
+        if item.name in skip or item.name == "manifest.json" or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            link_or_copy_tree(item, dst / item.name)
+        else:
+            link_or_copy(item, dst / item.name)
+
+
 def build_pipeline_from_configs(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """Build a randomly initialised pipeline from committed component configs and save it.
 

@@ -16,7 +16,7 @@ import logging
 
 from toolchain.artifact import Artifact, folder_size
 from toolchain.config import ConceptPruneConfig, load_concept
-from toolchain.models.io import PRUNING_RECORD, link_or_copy, link_or_copy_tree, load_pipeline, save_unet
+from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, save_unet
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,7 @@ def run(source: Artifact, cfg: ConceptPruneConfig, ctx) -> Artifact:
     )
 
     out = ctx.out_dir
-    for item in source.files.iterdir():
-        if item.name in ("unet", "manifest.json", MASKS_FILE, SUMMARY_FILE) or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            link_or_copy_tree(item, out / item.name)
-        else:
-            link_or_copy(item, out / item.name)
+    link_pipeline(source.files, out, skip=("unet", MASKS_FILE, SUMMARY_FILE))
     record_file = source.files / "unet" / PRUNING_RECORD
     pruning_record = json.loads(record_file.read_text()) if record_file.is_file() else None
     save_unet(pipe.unet, out / "unet", pruning_record)  # zeroing keeps every shape: the record still holds

@@ -16,7 +16,7 @@ import logging
 
 from toolchain.artifact import Artifact, folder_size
 from toolchain.config import PruneConfig
-from toolchain.models.io import link_or_copy, link_or_copy_tree, load_unet, save_unet
+from toolchain.models.io import link_pipeline, load_unet, save_unet
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,7 @@ def run(source: Artifact, cfg: PruneConfig, ctx) -> Artifact:
     logger.info("prune: UNet %d -> %d params (%s)", record["params_before"], record["params_after"], cfg.method)
 
     out = ctx.out_dir
-    for item in source.files.iterdir():
-        if item.name in ("unet", "manifest.json") or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            link_or_copy_tree(item, out / item.name)
-        else:
-            link_or_copy(item, out / item.name)
+    link_pipeline(source.files, out, skip=("unet",))
     # A block-removed student is a stock config: save_pretrained, no pruning record.
     save_unet(unet, out / "unet", record if cfg.method == "channels" else None)
     return Artifact(
