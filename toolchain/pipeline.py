@@ -148,7 +148,9 @@ def _sealed_states(out: Path, model: Path, cfg: RunConfig, stages: list[Stage]) 
     """Which stages a run would skip: for `--dry-run`, without touching anything."""
     states = {}
     source_file = out / "00-source" / art.MANIFEST
-    parent = art.load(out / "00-source").fingerprint if source_file.is_file() else None
+    source = art.load(out / "00-source") if source_file.is_file() else None
+    # content is re-hashed only by a real run; a dry run trusts a source sealed from the same path
+    parent = source.fingerprint if source is not None and source.model_path == model else None
     for i, stage in enumerate(stages, 1):
         fp = art.fingerprint(parent, stage.name, stage.version, _stage_config(stage, cfg))
         folder = out / f"{i:02d}-{stage.name}"
