@@ -90,14 +90,15 @@ def torch_unet_latency(unet, inputs: dict[str, np.ndarray], warmup: int, repeats
     return time_callable(forward, warmup, repeats)
 
 
-def ort_session(onnx_path: Path, threads: int = 0):
-    """An ONNX Runtime CPU session; returns (session, provider that actually runs)."""
+def ort_session(onnx_path: Path, threads: int = 0, providers: list[str] | None = None):
+    """An ONNX Runtime session (CPU unless `providers` says otherwise); returns (session, the
+    provider that actually runs: the first one the session accepted)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
     return session, session.get_providers()[0]
 
 
@@ -121,3 +122,86 @@ def ort_latency(session, inputs: dict[str, np.ndarray], warmup: int, repeats: in
     """Latency of one ONNX Runtime session."""
     feed = ort_feed(session, inputs)
     return time_callable(lambda: session.run(None, feed), warmup, repeats)
+
+
+class OrtPipeline:
+    """A text-to-image pipeline in ONNX Runtime: text encoder -> `steps` DDIM steps with
+    classifier-free guidance (UNet at batch 2 per image) -> VAE decoder. Reads an exported
+    folder (ONNX or ORT format: `files` maps component -> model path inside it) with its
+    tokenizer and scheduler config, as diffusers' StableDiffusionPipeline would.
+
+    Initial latents come from one CPU torch.Generator seeded with `seed`, in prompt order, as
+    in `benchmarks.leakage.diffusers_generator`, so the images are comparable with PyTorch's.
+    `load_ms`: session creation of all three components (tokenizer and scheduler excluded).
+    """
+
+    def __init__(self, folder: Path, files: dict[str, str], providers: list[str] | None = None, threads: int = 0):
+        import onnxruntime  # noqa: F401  (imported before the clock starts: load_ms is session creation)
+        from diffusers import DDIMScheduler
+        from transformers import CLIPTokenizer
+
+        start = time.perf_counter()
+        self.sessions, provided = {}, []
+        for component in ("text_encoder", "unet", "vae_decoder"):
+            session, provider = ort_session(folder / files[component], threads, providers)
+            self.sessions[component] = session
+            provided.append(provider)
+        self.load_ms = round((time.perf_counter() - start) * 1000.0, 3)
+        self.provider = provided[1]  # the UNet's: where the time goes
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        self.scheduler = DDIMScheduler.from_config(_read_config(folder, "scheduler"))
+        text = _read_config(folder, "text_encoder")
+        self.max_length = min(int(self.tokenizer.model_max_length), int(text.get("max_position_embeddings", 77)))
+        unet = _read_config(folder, "unet")
+        size = unet["sample_size"]
+        self.latent_shape = (unet["in_channels"], *((size, size) if isinstance(size, int) else size))
+        self.scaling_factor = float(_read_config(folder, "vae_decoder").get("scaling_factor", 0.18215))
+
+    def _encode(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+        ).input_ids
+        session = self.sessions["text_encoder"]
+        return session.run(None, ort_feed(session, {"input_ids": ids}))[0]  # last_hidden_state (N, L, D)
+
+    def __call__(self, prompts: list[str], seed: int, steps: int = 25, guidance_scale: float = 5.0) -> np.ndarray:
+        """Images (N, H, W, 3) in [0, 1], one per prompt; the UNet runs at batch 2N."""
+        import torch
+
+        n = len(prompts)
+        embeddings = np.concatenate([self._encode([""] * n), self._encode(prompts)])  # uncond first, as diffusers
+        latents = torch.randn((n, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
+        latents = latents * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(steps)
+        unet = self.sessions["unet"]
+        for t in self.scheduler.timesteps:
+            sample = self.scheduler.scale_model_input(torch.cat([latents, latents]), t).numpy()
+            feed = ort_feed(
+                unet,
+                {
+                    "sample": sample,
+                    "timestep": np.full((2 * n,), float(t), np.float32),
+                    "encoder_hidden_states": embeddings,
+                },
+            )
+            uncond, cond = np.split(unet.run(None, feed)[0], 2)
+            noise_pred = torch.from_numpy(uncond + guidance_scale * (cond - uncond))
+            latents = self.scheduler.step(noise_pred, t, latents).prev_sample
+        vae = self.sessions["vae_decoder"]
+        image = vae.run(None, ort_feed(vae, {"latent_sample": (latents / self.scaling_factor).numpy()}))[0]
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def composed_image_latency(rows: list[dict], steps: int) -> dict[str, float] | None:
+    """Per-image {"median_ms", "p90_ms"} from component timings: text encoder (batch 2) + steps x
+    UNet (batch 2) + VAE decoder (batch 1), each statistic summed; None unless all three were
+    measured with the UNet at batch 2."""
+    by_component = {row["component"]: row for row in rows}
+    if not {"text_encoder", "unet", "vae_decoder"} <= set(by_component) or by_component["unet"].get("batch") != 2:
+        return None
+    return {
+        key: round(
+            by_component["text_encoder"][key] + steps * by_component["unet"][key] + by_component["vae_decoder"][key], 3
+        )
+        for key in ("median_ms", "p90_ms")
+    }

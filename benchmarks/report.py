@@ -46,6 +46,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"> **Warning:** {warning}")
     if report.get("warnings"):
         lines.append("")
+    profile = report.get("device_profile")
+    if profile:
+        lines += [
+            f"- device profile: **{profile.get('name')}** ({profile.get('description')}); "
+            f"threads {profile.get('threads_used') or 'default'}, providers {', '.join(profile.get('providers_used', []))}"
+            + (", emulated on this machine" if profile.get("emulated") else ""),
+            "",
+        ]
+    plots = set(report.get("plots", []))
     lines += ["## Stages", ""]
     lines += _table(
         report.get("stages", []), ["name", "params", "size_bytes", "leakage", "retain_accuracy", "fid", "wall_s"]
@@ -55,11 +64,43 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = [{"stage": s, **acc} for s, acc in report["per_label_accuracy"].items()]
         labels = sorted({k for acc in report["per_label_accuracy"].values() for k in acc})
         lines += _table(rows, ["stage", *labels])
+    if "quality.png" in plots:
+        lines += ["![leakage and retain accuracy per stage](quality.png)", ""]
+    if "samples.png" in plots:
+        lines += ["![sample images per stage, erased concepts in red](samples.png)", ""]
     lines += ["## Latency", ""]
     lines += _table(
         report.get("latency", []),
-        ["runtime", "profile", "stage", "component", "batch", "median_ms", "p90_ms", "provider"],
+        [
+            "runtime",
+            "profile",
+            "stage",
+            "component",
+            "batch",
+            "steps",
+            "method",
+            "median_ms",
+            "p90_ms",
+            "load_ms",
+            "provider",
+        ],
     )
+    if "latency.png" in plots:
+        lines += ["![latency per runtime and component](latency.png)", ""]
+    if report.get("memory"):
+        lines += ["## Peak memory (fresh process per model)", ""]
+        rows = [
+            {
+                **m,
+                "peak_rss_mib": m["peak_rss_bytes"] / 2**20 if m.get("peak_rss_bytes") else None,
+                "runtime_rss_mib": m["runtime_rss_bytes"] / 2**20 if m.get("runtime_rss_bytes") else None,
+                "cuda_peak_mib": m["cuda_peak_bytes"] / 2**20 if m.get("cuda_peak_bytes") else None,
+            }
+            for m in report["memory"]
+        ]
+        columns = ["runtime", "profile", "stage", "component", "peak_rss_mib", "runtime_rss_mib", "cuda_peak_mib"]
+        lines += _table(rows, columns + (["over_budget"] if any("over_budget" in m for m in rows) else []))
+        lines += ["runtime_rss: the process after importing the runtime, before the model was loaded.", ""]
     lines += ["## Parity (each format against its reference)", ""]
     lines += _table(
         report.get("parity", []), ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"]

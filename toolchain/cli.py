@@ -23,6 +23,8 @@ examples:
   compress --target onnx --from-stage export  re-run export and everything after it
   compress validate configs/recipes/tiny.yaml check a recipe without loading a model
   compress bench runs/compress                 re-measure a finished run's report
+  compress bench runs/compress --baseline benchmarks/results/baseline-default.json
+                                              the CI gate: exit 1 on a regression
 
 exit codes: 0 ok, 1 a gate failed (parity, regression), 2 bad input
 """
@@ -64,10 +66,32 @@ def _validate_parser() -> argparse.ArgumentParser:
 
 def _bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="compress bench", description="Re-measure a finished run and print its report."
+        prog="compress bench",
+        description="Re-measure a finished run and print its report; with --baseline, compare it with a "
+        "baseline report.json and exit 1 on a regression (the CI gate).",
+        epilog="examples:\n"
+        "  compress bench runs/compress\n"
+        "  compress bench runs/compress --profile pixel-8-emulated\n"
+        "  compress bench runs/ci --baseline benchmarks/results/baseline-default.json --tolerance latency_ratio=2\n"
+        "  compress bench runs/ci/report.json --baseline old.json     compare without re-measuring\n"
+        "\nexit codes: 0 ok, 1 a regression beyond the tolerances, 2 bad input",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("path", type=Path, help="a run folder written by `compress`")
+    parser.add_argument("path", type=Path, help="a run folder written by `compress`, or a report.json to compare as is")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the markdown table")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--profile",
+        help="device profile: a configs/devices name or a YAML path (default: $COMPRESS_DEVICE_PROFILE or desktop-cpu)",
+    )
+    parser.add_argument("--baseline", type=Path, help="baseline report.json; exit 1 when the run regressed against it")
+    parser.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="override a tolerance of the gate, e.g. latency_ratio=2 (keys: see benchmarks/regress.py)",
+    )
     return parser
 
 
@@ -110,30 +134,69 @@ def _cmd_validate(argv: list[str]) -> int:
     return 0
 
 
+def _read_report(path: Path) -> dict:
+    from toolchain.config import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such report; pass a report.json written by `compress`")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc}); pass a report.json written by `compress`") from None
+    if not isinstance(report, dict) or "schema_version" not in report:
+        raise ConfigError(f"{path}: not a compress report.json (no schema_version)")
+    return report
+
+
 def _cmd_bench(argv: list[str]) -> int:
+    from benchmarks.regress import Tolerances, check_all, format_table
     from toolchain import artifact as art
     from toolchain.config import ConfigError, RunConfig, from_dict
-    from toolchain.pipeline import STAGES, RunContext
+    from toolchain.pipeline import GateError, RunContext
+    from toolchain.stages import benchmark
 
     args = _bench_parser().parse_args(argv)
-    run_dir = args.path
-    folders = sorted(p for p in run_dir.glob("[0-9][0-9]-*") if (p / art.MANIFEST).is_file())
-    chain = [art.load(p) for p in folders if not p.name.endswith("-benchmark")]
-    if not chain or chain[0].stage != "source":
-        raise ConfigError(f"{run_dir}: not a finished compress run (no sealed 00-source); run `compress` first")
-    report = folders[-1] if folders[-1].name.endswith("-benchmark") else None
-    if report is None:
-        raise ConfigError(f"{run_dir}: no sealed benchmark stage; run `compress` to the end first")
-    sealed = art.load(report)
-    settings = {k: v for k, v in sealed.config.items() if k != "erase"}
-    cfg = from_dict(RunConfig, {"erase": sealed.config.get("erase", []), "benchmark": settings})
-    import tempfile
+    tolerances = Tolerances.from_overrides(args.tolerance)  # bad input fails before any measuring
+    baseline = _read_report(args.baseline) if args.baseline else None
+    if args.tolerance and baseline is None:
+        raise ConfigError("--tolerance needs --baseline FILE")
+    if args.profile:
+        from toolchain.device_config import load_device_profile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(run_dir=run_dir, config=cfg, out_dir=Path(tmp), chain=chain, progress=True)
-        STAGES["benchmark"].run(chain[-1], cfg.benchmark, ctx)
-        text = (Path(tmp) / ("report.json" if args.json else "report.md")).read_text()
-    print(text if not args.json else json.dumps(json.loads(text), indent=2))
+        load_device_profile(args.profile)
+    run_dir = args.path
+    if run_dir.is_file():
+        if args.profile:
+            raise ConfigError(f"--profile re-measures a run folder; {run_dir} is a report file")
+        report = _read_report(run_dir)
+        text = json.dumps(report, indent=2) if args.json else None
+    else:
+        folders = sorted(p for p in run_dir.glob("[0-9][0-9]-*") if (p / art.MANIFEST).is_file())
+        chain = [art.load(p) for p in folders if not p.name.endswith("-benchmark")]
+        if not chain or chain[0].stage != "source":
+            raise ConfigError(f"{run_dir}: not a finished compress run (no sealed 00-source); run `compress` first")
+        sealed_report = folders[-1] if folders[-1].name.endswith("-benchmark") else None
+        if sealed_report is None:
+            raise ConfigError(f"{run_dir}: no sealed benchmark stage; run `compress` to the end first")
+        sealed = art.load(sealed_report)
+        settings = {k: v for k, v in sealed.config.items() if k != "erase"}
+        cfg = from_dict(RunConfig, {"erase": sealed.config.get("erase", []), "benchmark": settings})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = RunContext(run_dir=run_dir, config=cfg, out_dir=Path(tmp), chain=chain, progress=True)
+            benchmark.run(chain[-1], cfg.benchmark, ctx, profile=args.profile)
+            report = json.loads((Path(tmp) / "report.json").read_text())
+            text = json.dumps(report, indent=2) if args.json else (Path(tmp) / "report.md").read_text()
+    if baseline is None:
+        print(text)
+        return 0
+    rows = check_all(report, baseline, tolerances)
+    print(format_table(rows))
+    failed = [r.metric for r in rows if r.failed]
+    if failed:
+        raise GateError(f"{len(failed)} regression(s) against {args.baseline}: {', '.join(failed)}")
+    print(f"no regression against {args.baseline} ({len(rows)} metrics compared)")
     return 0
 
 

@@ -153,6 +153,8 @@ class BenchmarkConfig:
     # judge that scores generated images: "auto" = the erased concepts' judge, else the one the
     # model folder names in judge.json (the embedded digits model does); "none" = no scoring
     judge: str = "auto"
+    # runtime profile (configs/devices/<name>.yaml or a YAML path): threads, providers, memory budget
+    profile: str = "desktop-cpu"
 
     def __post_init__(self):
         for name in ("batch", "repeats", "eval_steps"):
@@ -332,6 +334,10 @@ def validate_file(path: Path) -> str:
         from_dict(RunConfig, deep_merge({"target": path.stem}, data))
     elif kind == "concepts":
         from_dict(ConceptConfig, data, path.stem)
+    elif kind == "devices":
+        from toolchain.device_config import load_device_profile
+
+        load_device_profile(str(path))
     else:
         from_dict(RunConfig, data)
         kind = "recipes"

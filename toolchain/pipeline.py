@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -105,8 +106,11 @@ STAGES = {
 
 def plan(cfg: RunConfig) -> list[Stage]:
     """The stages this config runs, in order; refuses configs no stage chain can honour."""
+    from toolchain.device_config import load_device_profile
+
     for name in cfg.erase:
         load_concept(name)  # an unknown concept is bad input, found before any work
+    load_device_profile(cfg.benchmark.profile)
     stages = []
     if cfg.prune.method != "none":
         stages.append(STAGES["prune"])
@@ -257,7 +261,7 @@ def run(
                 shutil.rmtree(folder)
         # the deliverable is rebuilt at the end: a run that fails must not leave an older one
         shutil.rmtree(out / "deploy" / cfg.target, ignore_errors=True)
-        for name in ("report.json", "report.md"):
+        for name in ("report.json", "report.md", "latency.png", "quality.png", "samples.png"):
             (out / name).unlink(missing_ok=True)
         chain = [_seal_source(model, out)]
         rerun = force
@@ -313,12 +317,14 @@ def _deploy(cfg: RunConfig, out: Path, chain: list[art.Artifact]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     link_or_copy_tree(exported.path, staging)
     (staging / art.MANIFEST).unlink()
-    for name in ("report.json", "report.md"):
+    plots = json.loads((report.path / "report.json").read_text()).get("plots", [])
+    names = ["report.json", "report.md", *plots]
+    for name in names:
         shutil.copy2(report.path / name, staging / name)
     if deploy.exists():
         shutil.rmtree(deploy)
     os.replace(staging, deploy)
-    for name in ("report.json", "report.md"):
+    for name in names:
         tmp = out / (name + ".tmp")
         shutil.copy2(report.path / name, tmp)
         os.replace(tmp, out / name)

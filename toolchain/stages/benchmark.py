@@ -2,15 +2,20 @@
 
 Per stage: parameters and file sizes (read from file headers, no model load), and, where a judge
 applies, leakage of the erased concepts, retain accuracy and judge FID on images the stage's
-model generates. Latency: the UNet of the source and of the last PyTorch stage in PyTorch, and
-every exported component in ONNX Runtime (ONNX and ORT format), all in this one process so
-ratios are comparable.
+model generates (the final export through ONNX Runtime, as an app runs it). Latency: the UNet of
+the source and of the last PyTorch stage in PyTorch, and every exported component in ONNX
+Runtime (ONNX and ORT format), all in this one process so ratios are comparable; per image
+(text encoder + steps x UNet at batch 2 + VAE decoder) composed from those and measured end to
+end for the final export; load time apart. Peak RSS per component and per image in a fresh
+child process (benchmarks/memory.py). Everything under one device profile
+(configs/devices/*.yaml: threads, providers, memory budget). Plots (PNG) beside report.json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from toolchain.artifact import Artifact
@@ -54,19 +59,45 @@ def _onnx_params(path: Path) -> int:
     return total
 
 
-def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
+def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None) -> Artifact:
+    """Measure the chain under a device profile: `profile` (a shipped name or a YAML path), else
+    `cfg.profile` where the config has it, else $COMPRESS_DEVICE_PROFILE, else desktop-cpu."""
+    from toolchain.device_config import load_device_profile
+
+    device = load_device_profile(profile or getattr(cfg, "profile", None))  # a bad profile fails before any work
     import torch
 
-    from benchmarks.latency import component_inputs, ort_latency, ort_session, torch_unet_latency
+    from benchmarks.latency import (
+        OrtPipeline,
+        component_inputs,
+        composed_image_latency,
+        ort_latency,
+        ort_session,
+        time_callable,
+        torch_unet_latency,
+    )
+    from benchmarks.memory import cuda_peak_bytes, measure
+    from benchmarks.plots import write_plots
     from benchmarks.report import write_report
     from toolchain.models.io import load_unet
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = device.threads or cfg.threads
+    if threads:
+        torch.set_num_threads(threads)
+    providers, missing = device.resolve_providers()
+    torch_device = "cuda" if device.torch_device == "cuda" and torch.cuda.is_available() else "cpu"
+    tag = {"profile": device.name, "emulated": device.emulated}
     chain = ctx.chain
     torch_stages = [a for a in chain if a.kind == "diffusers"]
     exported = [a for a in chain if a.kind in ("onnx", "ort")]
-    latency, warnings = [], []
+    latency, memory, warnings = [], [], []
+    if missing:
+        warnings.append(
+            f"device profile {device.name} wants {', '.join(missing)}, which this onnxruntime build lacks; "
+            f"ONNX Runtime ran on {providers[0]} (fallback {device.fallback_provider})"
+        )
+    if device.torch_device == "cuda" and torch_device == "cpu":
+        warnings.append(f"device profile {device.name} wants CUDA but torch sees no GPU; the PyTorch rows ran on CPU")
     evaluation = _evaluation_plan(chain[0], ctx.config.erase, cfg.judge)
     if any(a.kind == "coreml" and not a.metrics.get("prediction_checked") for a in chain):
         warnings.append(
@@ -76,7 +107,10 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
     if ctx.config.erase:
         warnings.append("this version has no unlearning stage: the erased concepts are measured, not yet removed")
 
-    stages, per_label = [], {}
+    final = exported[-1] if exported else None
+    final_files = {c: info["path"] for c, info in final.metrics.get("files", {}).items()} if final else {}
+    runs_pipeline = {"text_encoder", "unet", "vae_decoder"} <= set(final_files)
+    stages, per_label, samples = [], {}, {}
     for artifact in chain:
         params = artifact.metrics.get("params", {})
         entry = {
@@ -86,48 +120,128 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
             "size_bytes": int(artifact.metrics.get("size_bytes", 0)),
             "wall_s": artifact.metrics.get("wall_s"),
         }
-        if evaluation and artifact.kind == "diffusers":
-            scores = _evaluate(artifact, evaluation, cfg)
+        # every PyTorch stage, and the final export run through ONNX Runtime as the app would run it
+        if evaluation and (artifact.kind == "diffusers" or (artifact is final and runs_pipeline)):
+            ort_pipe = OrtPipeline(artifact.path, final_files, providers, threads) if artifact is final else None
+            scores, samples[artifact.stage] = _evaluate(artifact, evaluation, cfg, ort_pipe)
             entry.update(scores.to_report())
             per_label[artifact.stage] = scores.per_label_accuracy
+            del ort_pipe
         stages.append(entry)
 
     pipeline_dir = torch_stages[-1].files
     unet_inputs = component_inputs(pipeline_dir, "unet", cfg.batch, cfg.seed)
     for artifact in (torch_stages[0], torch_stages[-1]) if len(torch_stages) > 1 else torch_stages[:1]:
+        start = time.perf_counter()
         unet = load_unet(artifact.files / "unet")
-        timing = torch_unet_latency(unet, unet_inputs, cfg.warmup, cfg.repeats)
-        latency.append(
-            {
-                "runtime": "torch",
-                "profile": "desktop-cpu",
-                "stage": artifact.stage,
-                "component": "unet",
-                "batch": cfg.batch,
-                "provider": "cpu",
-                **timing,
-            }
-        )
+        load_ms = round((time.perf_counter() - start) * 1000.0, 3)
+        timing = torch_unet_latency(unet, unet_inputs, cfg.warmup, cfg.repeats, device=torch_device)
+        row = {"runtime": "torch", **tag, "stage": artifact.stage, "component": "unet", "batch": cfg.batch}
+        latency.append({**row, "provider": torch_device, "load_ms": load_ms, **timing})
+        if torch_device == "cuda":
+            import numpy as np
+
+            args = {k: torch.from_numpy(np.asarray(v)).to("cuda") for k, v in unet_inputs.items()}
+
+            def forward(unet=unet, args=args):
+                with torch.inference_mode():
+                    unet(args["sample"], args["timestep"], encoder_hidden_states=args["encoder_hidden_states"])
+
+            memory.append({**row, "provider": "cuda", "cuda_peak_bytes": cuda_peak_bytes(forward)})
         del unet
+
+    memory_specs, memory_rows = [], []
     for artifact in exported:
         runtime = {"onnx": "onnxruntime", "ort": "ort"}[artifact.kind]
+        component_rows = []
         for component, info in artifact.metrics.get("files", {}).items():
-            session, provider = ort_session(artifact.path / info["path"], cfg.threads)
+            start = time.perf_counter()
+            session, provider = ort_session(artifact.path / info["path"], threads, providers)
+            load_ms = round((time.perf_counter() - start) * 1000.0, 3)
             inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
             timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
-            batch = next(iter(inputs.values())).shape[0]
+            batch = int(next(iter(inputs.values())).shape[0])
+            row = {"runtime": runtime, **tag, "stage": artifact.stage, "component": component, "batch": batch}
+            component_rows.append({**row, "provider": provider, "load_ms": load_ms, **timing})
+            memory_rows.append(row)
+            memory_specs.append(
+                (
+                    "benchmarks.memory:ort_component",
+                    {
+                        "model_path": str(artifact.path / info["path"]),
+                        "component": component,
+                        "pipeline_dir": str(pipeline_dir),
+                        "batch": cfg.batch,
+                        "providers": providers,
+                        "threads": threads,
+                        "seed": cfg.seed,
+                    },
+                )
+            )
+            del session
+        latency += component_rows
+        image_row = {"runtime": runtime, **tag, "stage": artifact.stage, "component": "image", "batch": 2}
+        composed = composed_image_latency(component_rows, cfg.eval_steps)
+        if composed is not None:
             latency.append(
                 {
-                    "runtime": runtime,
-                    "profile": "desktop-cpu",
-                    "stage": artifact.stage,
-                    "component": component,
-                    "batch": int(batch),
-                    "provider": provider,
+                    **image_row,
+                    "method": "composed",
+                    "steps": cfg.eval_steps,
+                    "provider": component_rows[0]["provider"],
+                    **composed,
+                }
+            )
+        if artifact is final and runs_pipeline:
+            ort_pipe = OrtPipeline(artifact.path, final_files, providers, threads)
+            timing = time_callable(
+                lambda pipe=ort_pipe: pipe(["a photo"], cfg.seed, cfg.eval_steps, cfg.guidance_scale),
+                warmup=min(cfg.warmup, 1),
+                repeats=max(1, min(cfg.repeats, 5)),
+            )
+            latency.append(
+                {
+                    **image_row,
+                    "method": "measured",
+                    "steps": cfg.eval_steps,
+                    "guidance_scale": cfg.guidance_scale,
+                    "provider": ort_pipe.provider,
+                    "load_ms": ort_pipe.load_ms,
                     **timing,
                 }
             )
-            del session
+            del ort_pipe
+            memory_rows.append({**image_row, "steps": cfg.eval_steps})
+            memory_specs.append(
+                (
+                    "benchmarks.memory:ort_image",
+                    {
+                        "folder": str(artifact.path),
+                        "files": final_files,
+                        "providers": providers,
+                        "threads": threads,
+                        "steps": cfg.eval_steps,
+                        "guidance_scale": cfg.guidance_scale,
+                    },
+                )
+            )
+    for row, measured in zip(memory_rows, measure(memory_specs), strict=True):
+        entry = {
+            **row,
+            "provider": measured["result"],
+            "peak_rss_bytes": measured["peak_rss_bytes"],
+            "runtime_rss_bytes": measured["runtime_rss_bytes"],
+        }
+        if device.memory_budget_bytes:
+            entry["memory_budget_bytes"] = device.memory_budget_bytes
+            entry["over_budget"] = entry["peak_rss_bytes"] > device.memory_budget_bytes
+            if entry["over_budget"]:
+                warnings.append(
+                    f"{row['runtime']} {row['stage']} {row['component']}: peak RSS "
+                    f"{entry['peak_rss_bytes'] / 2**20:.0f} MiB exceeds the {device.name} budget of "
+                    f"{device.memory_budget_bytes / 2**20:.0f} MiB"
+                )
+        memory.append(entry)
 
     report = {
         "model": {
@@ -136,14 +250,18 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx) -> Artifact:
             "recipe": ctx.config.description,
             "erase": list(ctx.config.erase),
         },
+        "device_profile": {**device.to_report(), "threads_used": threads, "providers_used": providers},
         "stages": stages,
         "latency": latency,
-        "memory": [],
+        "memory": memory,
         "parity": [row for artifact in exported for row in artifact.metrics.get("parity", [])],
         "warnings": warnings,
     }
+    if any(m.get("over_budget") for m in memory):
+        report["over_budget"] = True
     if per_label:
         report["per_label_accuracy"] = per_label
+    report["plots"] = write_plots(report, samples, ctx.out_dir)
     write_report(report, ctx.out_dir)
     return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
 
@@ -180,14 +298,31 @@ def _evaluation_plan(source: Artifact, erase: list[str], judge: str) -> dict | N
     }
 
 
-def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig):
+def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig, ort_pipe=None):
+    """Judge the images `artifact` generates (a diffusers folder in PyTorch, or `ort_pipe` for an
+    exported one); returns (scores, samples): samples = the first image of every label, erased
+    labels first, for the report's sample grid."""
     from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
     from toolchain.models.io import load_pipeline
 
-    pipe = load_pipeline(artifact.files)
-    generate = diffusers_generator(pipe, steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)
+    if ort_pipe is None:
+        generate = diffusers_generator(
+            load_pipeline(artifact.files), steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale
+        )
+    else:
+
+        def generate(prompts, seed):
+            return ort_pipe(prompts, seed, steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)
+
+    seen = {}
+
+    def generate_and_keep(prompts, seed):
+        images = generate(prompts, seed)
+        seen["prompts"], seen["images"] = prompts, images
+        return images
+
     scores = evaluate_concepts(
-        generate,
+        generate_and_keep,
         get_judge(evaluation["judge"]),
         erase=evaluation["erase"],
         retain=evaluation["retain"],
@@ -195,4 +330,10 @@ def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig):
         seed=cfg.seed,
     )
     logger.info("%s: judge %s -> %s", artifact.stage, evaluation["judge"], scores.to_report())
-    return scores
+    samples = []
+    for erased, group in ((True, evaluation["erase"]), (False, evaluation["retain"])):
+        for label, prompts in group.items():
+            if prompts and prompts[0] in seen.get("prompts", []):
+                i = seen["prompts"].index(prompts[0])
+                samples.append({"label": label, "erased": erased, "prompt": prompts[0], "image": seen["images"][i]})
+    return scores, samples

@@ -1,0 +1,205 @@
+"""The benchmark harness: latency and memory records, device profiles, plots, the regression
+gate and the device tests' clean skip, on the tiny pipeline's finished run."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolchain.config import CONFIG_DIR, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def _benchmark_dir(run_dir: Path) -> Path:
+    return next(run_dir.glob("[0-9][0-9]-benchmark"))
+
+
+def test_latency_records(finished_run):
+    report = _report(finished_run[0])
+    assert report["device_profile"]["name"] == "desktop-cpu"
+    rows = report["latency"]
+    for row in rows:
+        for key in ("runtime", "profile", "emulated", "component", "batch", "median_ms", "provider"):
+            assert key in row, f"latency row without {key}: {row}"
+        assert row["profile"] == "desktop-cpu" and row["emulated"] is False
+        assert 0 < row["median_ms"] < 60_000
+        assert row["p90_ms"] >= row["median_ms"]
+    exported = [r for r in rows if r["runtime"] == "onnxruntime" and r["component"] != "image"]
+    assert {r["component"] for r in exported} == {"text_encoder", "unet", "vae_decoder"}
+    assert all(r["provider"] == "CPUExecutionProvider" and r["load_ms"] > 0 for r in exported)
+    images = {r["method"]: r for r in rows if r["component"] == "image"}
+    assert set(images) == {"composed", "measured"}
+    unet = next(r for r in exported if r["component"] == "unet")
+    steps = images["measured"]["steps"]
+    assert steps == images["composed"]["steps"] >= 1 and unet["batch"] == 2
+    assert images["composed"]["median_ms"] > steps * unet["median_ms"]
+    assert images["measured"]["load_ms"] > 0
+    # the end-to-end image is the composed sum plus Python's DDIM math: same order of magnitude
+    assert images["composed"]["median_ms"] / 5 < images["measured"]["median_ms"] < images["composed"]["median_ms"] * 20
+
+
+def test_memory_records(finished_run):
+    memory = _report(finished_run[0])["memory"]
+    assert {m["component"] for m in memory} == {"text_encoder", "unet", "vae_decoder", "image"}
+    for row in memory:
+        for key in ("runtime", "profile", "emulated", "component", "peak_rss_bytes", "provider"):
+            assert key in row, f"memory row without {key}: {row}"
+        # a fresh process with onnxruntime: tens of MiB at least, and nowhere near the pytest process
+        assert 20 * 2**20 < row["peak_rss_bytes"] < 4 * 2**30
+        assert row["runtime_rss_bytes"] <= row["peak_rss_bytes"]
+        assert "over_budget" not in row  # desktop-cpu has no budget
+
+
+def test_small_memory_budget_flags_the_run(finished_run, tmp_path, capsys):
+    from toolchain.cli import main
+
+    profile = tmp_path / "tiny-phone.yaml"
+    profile.write_text(
+        "# a phone with almost no memory, for this test\n"
+        "description: test phone\nthreads: 1\nmemory_budget_bytes: 1000000\n"
+        "providers: [XnnpackExecutionProvider, CPUExecutionProvider]\nemulated: true\n"
+    )
+    assert main(["bench", str(finished_run[0]), "--profile", str(profile), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["over_budget"] is True
+    assert report["memory"] and all(m["over_budget"] and m["memory_budget_bytes"] == 1000000 for m in report["memory"])
+    assert any("exceeds the tiny-phone budget" in w for w in report["warnings"])
+    assert any("XnnpackExecutionProvider" in w for w in report["warnings"])  # not in a desktop wheel: stated
+    assert all(r["profile"] == "tiny-phone" and r["emulated"] is True for r in report["latency"] + report["memory"])
+    assert report["device_profile"]["threads_used"] == 1
+
+
+def test_gate_passes_on_baseline_and_fails_on_doctored_report(finished_run, tmp_path, capsys):
+    from toolchain.cli import main
+
+    report_path = finished_run[0] / "report.json"
+    assert main(["bench", str(report_path), "--baseline", str(report_path)]) == 0
+    assert "no regression" in capsys.readouterr().out
+
+    worse = _report(finished_run[0])
+    next(r for r in worse["latency"] if r["component"] == "unet" and r["runtime"] == "onnxruntime")["median_ms"] *= 3
+    worse["stages"][-1]["size_bytes"] = int(worse["stages"][-1]["size_bytes"] * 1.2)
+    worse["parity"][0]["max_abs_err"] = worse["parity"][0]["tolerance"] * 10
+    doctored = tmp_path / "worse.json"
+    doctored.write_text(json.dumps(worse))
+    assert main(["bench", str(doctored), "--baseline", str(report_path)]) == 1
+    table = capsys.readouterr().out
+    assert table.count("REGRESSION") == 3 and "metric" in table and "limit" in table
+    # a looser tolerance lets the latency through; bad input is exit 2, not a gate failure
+    assert main(["bench", str(doctored), "--baseline", str(report_path), "--tolerance", "latency_ratio=4"]) == 1
+    assert capsys.readouterr().out.count("REGRESSION") == 2
+    assert main(["bench", str(doctored), "--baseline", str(report_path), "--tolerance", "speed=2"]) == 2
+    assert main(["bench", str(doctored), "--baseline", str(tmp_path / "missing.json")]) == 2
+
+
+def test_gate_on_committed_baseline():
+    from benchmarks.regress import compare
+
+    baseline = json.loads((REPO / "benchmarks" / "results" / "baseline-default.json").read_text())
+    assert compare(baseline, baseline) == []
+    worse = copy.deepcopy(baseline)
+    judged = next(s for s in worse["stages"] if s.get("retain_accuracy") is not None)
+    judged["retain_accuracy"] -= 0.05  # 5 points > 3
+    judged["fid"] += 1.0
+    worse["memory"][0]["peak_rss_bytes"] *= 2
+    failed = {r.metric.split()[0] for r in compare(worse, baseline)}
+    assert failed == {"retain_accuracy", "fid", "memory"}
+
+
+def test_plots_are_pngs(finished_run, tmp_path):
+    from PIL import Image
+
+    from benchmarks.plots import quality_plot, sample_grid
+
+    report = _report(finished_run[0])
+    assert "latency.png" in report["plots"]
+    stages = [
+        {"name": "source", "leakage": {"7": 0.9}, "retain_accuracy": 1.0},
+        {"name": "prune", "leakage": {"7": 0.4}, "retain_accuracy": 0.8},
+    ]
+    rng = __import__("numpy").random.default_rng(0)
+    samples = {
+        s["name"]: [
+            {"label": lab, "erased": lab == "7", "prompt": lab, "image": rng.random((16, 16, 3))} for lab in "71"
+        ]
+        for s in stages
+    }
+    paths = [_benchmark_dir(finished_run[0]) / name for name in report["plots"]]
+    paths += [quality_plot(stages, tmp_path / "quality.png"), sample_grid(samples, tmp_path / "samples.png")]
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 0
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 50
+    assert (
+        "![latency per runtime and component](latency.png)"
+        in (_benchmark_dir(finished_run[0]) / "report.md").read_text()
+    )
+
+
+def test_device_tests_skip_cleanly_and_are_not_collected_by_default():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert config["testpaths"] == ["tests"]  # a plain `pytest` never collects device_tests/
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "device_tests", "-q", "-p", "no:cacheprovider"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped" in result.stdout and "failed" not in result.stdout and "error" not in result.stdout.lower()
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "devices").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_device_profiles_validate(path):
+    from toolchain.device_config import load_device_profile
+
+    text = path.read_text()
+    assert text.startswith("#") and "Run:" in text.split("\n\n")[0], (
+        f"{path.name}: start with what it is and its command"
+    )
+    profile = load_device_profile(str(path))
+    assert profile.name == path.stem and profile.fallback_provider == "CPUExecutionProvider"
+    assert profile.emulated == path.stem.endswith("-emulated")
+    if profile.emulated:
+        assert profile.threads > 0 and profile.memory_budget_bytes > 0
+
+
+def test_device_profiles_reject_bad_input(tmp_path):
+    from toolchain.device_config import load_device_profile
+
+    assert load_device_profile().name == "desktop-cpu"
+    for body, message in (
+        ("description: x\nthreds: 4\n", "unknown key bad.threds"),
+        ("description: x\nthreads: -1\n", "threads=-1"),
+        ("description: x\nmemory_budget_bytes: lots\n", "memory_budget_bytes"),
+        ("description: x\nproviders: [XNNPACK]\n", "unknown execution provider"),
+        ("description: x\nemulated: maybe\n", "emulated"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(body)
+        with pytest.raises(ConfigError, match=message):
+            load_device_profile(str(path))
+    with pytest.raises(ConfigError, match="shipped profiles"):
+        load_device_profile("pixel-9")
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory():
+    import torch
+
+    from benchmarks.memory import cuda_peak_bytes
+
+    peak = cuda_peak_bytes(lambda: torch.ones(1024, 1024, device="cuda").sum())
+    assert peak >= 4 * 1024 * 1024
