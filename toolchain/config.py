@@ -121,6 +121,86 @@ class ExportConfig:
             raise ConfigError("export.components must include unet")
 
 
+QUANT_MODES = ("dynamic", "static")
+QUANT_FORMATS = ("QOperator", "QDQ")
+WEIGHT_TYPES = ("QInt8", "QUInt8")
+# Op types onnxruntime 1.31's quantizers know (union of its IntegerOps, QLinearOps and QDQ registries).
+QUANTIZABLE_OP_TYPES = (
+    "Add", "ArgMax", "Attention", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose",
+    "CumSum", "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm", "GlobalAveragePool",
+    "InstanceNormalization", "LSTM", "LayerNormalization", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Relu",
+    "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Int8 (ONNX Runtime quantization) and/or fp16 for the exported ONNX folder (stage `quantize`)."""
+
+    enabled: bool = False  # int8-quantize `components` (fp16 is the separate `fp16` switch)
+    # Default = the fastest int8 formulation measured that passes the digits quality bars
+    # (benchmarks/results/int8-speed.md, int8-digits.md; x86 AVX512-VNNI, ORT 1.31, 1 thread):
+    # static (calibrated) QDQ, per-channel weights, Conv + MatMul only. Mid-size SD-1.x UNet:
+    # 0.70x fp32 latency, 0.28x size, PSNR 41.7 dB vs fp32; static QDQ on all ops is as fast but
+    # 10 dB worse, dynamic int8 on all ops or Conv is 2.6-3.1x *slower* than fp32 (ConvInteger).
+    # On the 3.3M-param digits UNet (8x8 latent) no int8 variant beats fp32 (this one 1.08x):
+    # quantize/dequantize overhead outweighs the small convolutions.
+    mode: Literal["dynamic", "static"] = "static"
+    components: list[str] = field(default_factory=lambda: ["unet"])  # which to quantize
+    per_channel: bool = True  # one weight scale per output channel
+    # ONNX op types to quantize; [] = every op type ORT can (adds Q/DQ around Add, Mul, Softmax...)
+    op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul"])
+    weight_type: Literal["QInt8", "QUInt8"] = "QInt8"  # int8 weights, uint8 activations: x86 VNNI's u8s8
+    # static only; mode=dynamic always writes QOperator, its one form, whatever this says. QDQ is
+    # the int8 form ORT's NNAPI, XNNPACK and QNN execution providers take
+    quant_format: Literal["QOperator", "QDQ"] = "QDQ"
+    calibration_prompts: int = 20  # prompts whose DDIM trajectories calibrate (static); from the recipe
+    calibration_steps: int = 25  # DDIM steps per calibration trajectory
+    calibration_feeds: int = 16  # UNet feeds kept, evenly spaced over the trajectory
+    calibration_guidance_scale: float = 5.0  # the recipe's guidance (digits world: 5.0)
+    calibration_seed: int = 0
+    # prompts used when the recipe erases no concept (its concepts' prompts come first otherwise)
+    calibration_text: list[str] = field(default_factory=list)
+    exclude_nodes: list[str] = field(default_factory=list)  # node names kept fp32 (sensitive layers)
+    psnr_floor_db: float = 20.0  # int8 gate: PSNR vs the fp32 ONNX component (export.quantize)
+    fp16: bool = False  # fp16 weights and compute (fp32 inputs and outputs) for the components not int8
+
+    def __post_init__(self):
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(
+                f"quantize.mode={self.mode!r}: must be one of {list(QUANT_MODES)}, e.g. quantize.mode=static"
+            )
+        if self.quant_format not in QUANT_FORMATS:
+            raise ConfigError(f"quantize.quant_format={self.quant_format!r}: must be one of {list(QUANT_FORMATS)}")
+        if self.weight_type not in WEIGHT_TYPES:
+            raise ConfigError(f"quantize.weight_type={self.weight_type!r}: must be one of {list(WEIGHT_TYPES)}")
+        bad = sorted(set(self.components) - set(COMPONENTS))
+        if bad or not self.components or len(set(self.components)) != len(self.components):
+            raise ConfigError(
+                f"quantize.components={list(self.components)}: each must be one of {list(COMPONENTS)}, "
+                "at least one, no repeats, e.g. quantize.components=[unet]"
+            )
+        bad = sorted(set(self.op_types) - set(QUANTIZABLE_OP_TYPES))
+        if bad:
+            raise ConfigError(
+                f"quantize.op_types {bad}: not op types ONNX Runtime quantizes; choose from "
+                f"{list(QUANTIZABLE_OP_TYPES)}, or [] for all"
+            )
+        for key in ("calibration_prompts", "calibration_steps", "calibration_feeds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"quantize.{key}={value!r}: must be an integer >= 1")
+        if not self.calibration_guidance_scale >= 1.0:
+            raise ConfigError(
+                f"quantize.calibration_guidance_scale={self.calibration_guidance_scale!r}: must be >= 1.0 "
+                "(the runner draws with classifier-free guidance), e.g. 5.0"
+            )
+        if not self.psnr_floor_db >= 0:
+            raise ConfigError(f"quantize.psnr_floor_db={self.psnr_floor_db!r}: must be a number >= 0 (dB), e.g. 20")
+        if any(not isinstance(n, str) or not n for n in self.exclude_nodes):
+            raise ConfigError("quantize.exclude_nodes: every entry must be a non-empty ONNX node name")
+
+
 @dataclass(frozen=True)
 class CoreMLConfig:
     """Core ML conversion for `--target coreml` (stage `coreml`): ML programs for Apple's
@@ -175,6 +255,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 

@@ -5,6 +5,7 @@ Run folder layout (`--out`):
     01-prune/                    diffusers folder + manifest.json
     02-concept_prune/            (with concept_prune.enabled) skilled neurons of --erase zeroed
     02-export/                   target-format folder + manifest.json
+    03-quantize/                 (with quantize.enabled / quantize.fp16) int8 / fp16 ONNX folder
     03-benchmark/                report.json, report.md + manifest.json
     deploy/<target>/             the deliverable, laid out as the target's users expect
     report.json, report.md       the run's report
@@ -74,6 +75,12 @@ def _export(source, cfg, ctx):
     return export.run(source, cfg, ctx)
 
 
+def _quantize(source, cfg, ctx):
+    from toolchain.stages import quantize
+
+    return quantize.run(source, cfg, ctx)
+
+
 def _ort(source, cfg, ctx):
     from toolchain.stages import ort
 
@@ -98,6 +105,7 @@ STAGES = {
         "concept_prune", 1, lambda c: c.concept_prune, _concept_prune, extra=lambda c: {"erase": c.erase}
     ),
     "export": Stage("export", 1, lambda c: c.export, _export),
+    "quantize": Stage("quantize", 1, lambda c: c.quantize, _quantize, extra=lambda c: {"erase": c.erase}),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization, _ort),
     "coreml": Stage("coreml", 1, lambda c: c.coreml, _coreml),
     "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, _benchmark, extra=lambda c: {"erase": c.erase}),
@@ -120,9 +128,16 @@ def plan(cfg: RunConfig) -> list[Stage]:
         stages.append(STAGES["concept_prune"])
     # Core ML converts from PyTorch; ORT format converts the ONNX export
     if cfg.target == "coreml":
+        if cfg.quantize.enabled or cfg.quantize.fp16:
+            raise ConfigError(
+                "quantize.* applies to ONNX targets; for Core ML use coreml.compression=int8|palettize6|... "
+                "and coreml.precision=fp16"
+            )
         stages.append(STAGES["coreml"])
     else:
         stages.append(STAGES["export"])
+        if cfg.quantize.enabled or cfg.quantize.fp16:
+            stages.append(STAGES["quantize"])
         if cfg.target == "ort":
             stages.append(STAGES["ort"])
     stages.append(STAGES["benchmark"])

@@ -2,12 +2,13 @@
 
 Per stage: parameters and file sizes (read from file headers, no model load), and, where a judge
 applies, leakage of the erased concepts, retain accuracy and judge FID on images the stage's
-model generates (the final export through ONNX Runtime, as an app runs it). Latency: the UNet of
+model generates (every exported or quantized model through ONNX Runtime, as an app runs it).
+Latency: the UNet of
 the source and of the last PyTorch stage in PyTorch, and every exported component in ONNX
 Runtime (ONNX and ORT format), all in this one process so ratios are comparable; per image
 (text encoder + steps x UNet at batch 2 + VAE decoder) composed from those and measured end to
-end for the final export; load time apart. Peak RSS per component and per image in a fresh
-child process (benchmarks/memory.py). Everything under one device profile
+end for every exported pipeline; load time apart. Peak RSS of the deliverable per component and
+per image in a fresh child process (benchmarks/memory.py). Everything under one device profile
 (configs/devices/*.yaml: threads, providers, memory budget). Plots (PNG) beside report.json.
 """
 
@@ -107,9 +108,10 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
     if ctx.config.erase:
         warnings.append("this version has no unlearning stage: the erased concepts are measured, not yet removed")
 
-    final = exported[-1] if exported else None
-    final_files = {c: info["path"] for c, info in final.metrics.get("files", {}).items()} if final else {}
-    runs_pipeline = {"text_encoder", "unet", "vae_decoder"} <= set(final_files)
+    def pipeline_files(artifact: Artifact) -> dict[str, str]:
+        files = {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
+        return files if {"text_encoder", "unet", "vae_decoder"} <= set(files) else {}
+
     stages, per_label, samples = [], {}, {}
     for artifact in chain:
         params = artifact.metrics.get("params", {})
@@ -120,9 +122,11 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
             "size_bytes": int(artifact.metrics.get("size_bytes", 0)),
             "wall_s": artifact.metrics.get("wall_s"),
         }
-        # every PyTorch stage, and the final export run through ONNX Runtime as the app would run it
-        if evaluation and (artifact.kind == "diffusers" or (artifact is final and runs_pipeline)):
-            ort_pipe = OrtPipeline(artifact.path, final_files, providers, threads) if artifact is final else None
+        # every PyTorch stage, and every exported (and quantized) model run through ONNX Runtime
+        # as the app would run it: quantization is known to bring erased concepts back
+        files = pipeline_files(artifact) if artifact in exported else {}
+        if evaluation and (artifact.kind == "diffusers" or files):
+            ort_pipe = OrtPipeline(artifact.path, files, providers, threads) if files else None
             scores, samples[artifact.stage] = _evaluate(artifact, evaluation, cfg, ort_pipe)
             entry.update(scores.to_report())
             per_label[artifact.stage] = scores.per_label_accuracy
@@ -192,8 +196,9 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
                     **composed,
                 }
             )
-        if artifact is final and runs_pipeline:
-            ort_pipe = OrtPipeline(artifact.path, final_files, providers, threads)
+        files = pipeline_files(artifact)
+        if files:
+            ort_pipe = OrtPipeline(artifact.path, files, providers, threads)
             timing = time_callable(
                 lambda pipe=ort_pipe: pipe(["a photo"], cfg.seed, cfg.eval_steps, cfg.guidance_scale),
                 warmup=min(cfg.warmup, 1),
@@ -211,13 +216,14 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
                 }
             )
             del ort_pipe
+        if files and artifact is exported[-1]:  # peak memory of the deliverable only
             memory_rows.append({**image_row, "steps": cfg.eval_steps})
             memory_specs.append(
                 (
                     "benchmarks.memory:ort_image",
                     {
                         "folder": str(artifact.path),
-                        "files": final_files,
+                        "files": files,
                         "providers": providers,
                         "threads": threads,
                         "steps": cfg.eval_steps,

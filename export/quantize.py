@@ -1,0 +1,341 @@
+"""Int8 quantization of an exported ONNX folder with ONNX Runtime, each component checked against fp32.
+
+    result = quantize_onnx_folder(onnx_dir, out_dir, mode="static", calibration={"unet": feeds})
+
+Output: the same optimum layout as the input (tokenizer/, scheduler/, configs, model_index.json
+copied as they are); the chosen components' `model.onnx` replaced by int8 graphs, the others
+copied unchanged, so the folder loads in `benchmarks.runner.ort_generator` and in optimum's
+`ORTStableDiffusionPipeline` like the fp32 one.
+
+Modes (ONNX Runtime's two quantizers):
+- "dynamic": weights int8 offline, activations quantized at run time per tensor
+  (`quantize_dynamic`: MatMulInteger / ConvInteger + DynamicQuantizeLinear). No calibration.
+- "static": activation ranges fixed offline from calibration feeds (`quantize_static`, MinMax
+  over a `CalibrationDataReader`); "QOperator" writes QLinearConv / QLinearMatMul nodes,
+  "QDQ" writes QuantizeLinear/DequantizeLinear pairs around fp32 ops that ORT fuses when it
+  has an int8 kernel. Activations are uint8 (what x86's u8s8 VNNI kernels take), weights int8.
+Calibration feeds for the UNet come from the pipeline's own denoising trajectories
+(`collect_unet_calibration`), not random inputs: random noise at random timesteps gives
+activation ranges the model never sees when it draws.
+
+Every graph first goes through `quant_pre_process(skip_symbolic_shape=True)` (ORT's symbolic
+shape inference fails on the exported UNet's attention reshapes; ONNX shape inference suffices).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+QUANTIZABLE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+MODES = ("dynamic", "static")
+WEIGHT_TYPES = ("QInt8", "QUInt8")
+QUANT_FORMATS = ("QOperator", "QDQ")
+# Int8 cannot meet fp32's max-abs limits (1e-4): rounding weights and activations to 256 levels
+# moves a UNet output by 1e-2..3e-1. The gate is a PSNR floor against the fp32 ONNX component on
+# the same inputs instead. 20 dB = RMS error 10% of the output's range. Measured
+# (benchmarks/results/int8-speed.md): digits UNet 38-64 dB on a held-out trajectory feed, mid-size
+# random UNet 32-58 dB, and every variant kept the digits judge's scores (int8-digits.md); the
+# floor sits ~10 dB under the worst of those, so it catches a broken graph, not a formulation.
+INT8_PSNR_FLOOR_DB = 20.0
+PARITY_BATCH = 2
+
+
+def quantize_onnx_folder(
+    src_dir: Path,
+    out_dir: Path,
+    mode: str = "dynamic",
+    components=("unet",),
+    per_channel: bool = True,
+    op_types: list[str] | None = None,
+    weight_type: str = "QInt8",
+    quant_format: str = "QOperator",
+    calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
+    nodes_to_exclude=(),
+    psnr_floor_db: float = INT8_PSNR_FLOOR_DB,
+    parity_inputs: dict[str, dict[str, np.ndarray]] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Quantize `components` of the ONNX folder `src_dir` into `out_dir` (same layout).
+
+    op_types: ONNX op types to quantize (e.g. ["MatMul"], ["Conv"]); None or [] = all ORT can.
+    calibration: static mode only, per component a list of feeds {input name: array}, e.g. the
+    UNet's {"sample": (2B, 4, h, w), "timestep": () float32, "encoder_hidden_states": (2B, L, D)}.
+    nodes_to_exclude: node names kept in fp32 (sensitive layers).
+    parity_inputs: per component the feed the int8 graph is compared on (default: the first
+    calibration feed when there is one, else `benchmarks.latency.component_inputs` at batch 2).
+
+    Returns::
+
+        {"parity": [{"component": "unet", "format": "onnx-int8", "reference": "onnx-fp32",
+                     "max_abs_err": 0.03, "psnr_db": 31.2, "psnr_floor_db": 20.0}],
+         "files": {"unet": {"path": "unet/model.onnx", "size_bytes": 900000,
+                            "fp32_size_bytes": 3400000, "quantize_s": 4.1}, ...},
+         "quantization": {"mode": ..., "per_channel": ..., ...}}
+
+    Raises ValueError on bad arguments before anything is written, and
+    export.validate.ParityError when a component's PSNR falls below `psnr_floor_db`.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    components = (components,) if isinstance(components, str) else tuple(components)
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {list(MODES)}")
+    unknown = [c for c in components if c not in QUANTIZABLE_COMPONENTS]
+    if unknown or not components or len(set(components)) != len(components):
+        raise ValueError(
+            f"components {list(components)}: each must be one of {list(QUANTIZABLE_COMPONENTS)}, at least one, no repeats"
+        )
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type {weight_type!r}: choose one of {list(WEIGHT_TYPES)}")
+    if quant_format not in QUANT_FORMATS:
+        raise ValueError(f"quant_format {quant_format!r}: choose one of {list(QUANT_FORMATS)}")
+    if mode == "dynamic" and quant_format != "QOperator":
+        raise ValueError("quant_format 'QDQ' needs mode 'static'; dynamic quantization writes QOperator nodes only")
+    missing = [c for c in components if not (src_dir / c / "model.onnx").is_file()]
+    if missing:
+        raise ValueError(f"{src_dir}: no {[f'{c}/model.onnx' for c in missing]}; export those components first")
+    if mode == "static":
+        lacking = [c for c in components if not (calibration or {}).get(c)]
+        if lacking:
+            raise ValueError(
+                f"mode 'static' needs calibration feeds for {lacking}; pass calibration={{name: [feed, ...]}} "
+                "(for the UNet: collect_unet_calibration) or use mode 'dynamic'"
+            )
+    if src_dir.resolve() == out_dir.resolve():
+        raise ValueError(f"out_dir {out_dir} is the source folder; quantization never modifies its input")
+
+    # ORT's quantizer logs one root-logger warning per integer shape tensor it (rightly) skips;
+    # on a UNet that is hundreds of lines saying nothing about the result.
+    quiet = _DropRootWarnings()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return _quantize(
+            src_dir,
+            out_dir,
+            mode,
+            components,
+            per_channel,
+            op_types,
+            weight_type,
+            quant_format,
+            calibration,
+            nodes_to_exclude,
+            psnr_floor_db,
+            parity_inputs,
+            progress,
+        )
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _quantize(
+    src_dir,
+    out_dir,
+    mode,
+    components,
+    per_channel,
+    op_types,
+    weight_type,
+    quant_format,
+    calibration,
+    nodes_to_exclude,
+    psnr_floor_db,
+    parity_inputs,
+    progress,
+) -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
+    from tqdm.auto import tqdm
+
+    from benchmarks.latency import component_inputs
+    from export.validate import ParityError
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in src_dir.iterdir():  # tokenizer, scheduler, configs, untouched components
+        if item.name.startswith(".") or item.name == "manifest.json":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, out_dir / item.name)
+
+    settings = {
+        "mode": mode,
+        "components": list(components),
+        "per_channel": per_channel,
+        "op_types": list(op_types or []),
+        "weight_type": weight_type,
+        "activation_type": "QUInt8" if mode == "static" else "dynamic uint8",
+        "quant_format": quant_format,
+        "nodes_to_exclude": list(nodes_to_exclude),
+        "calibration_feeds": {c: len(v) for c, v in (calibration or {}).items()} if mode == "static" else {},
+    }
+    result: dict[str, Any] = {"parity": [], "files": {}, "quantization": settings}
+    bar = tqdm(components, desc=f"quantize {mode}", unit="component", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        src = src_dir / name / "model.onnx"
+        target = out_dir / name / "model.onnx"
+        for stale in (target, target.with_name("model.onnx_data")):
+            stale.unlink(missing_ok=True)
+        fp32_bytes = src.stat().st_size + _size(src.with_name("model.onnx_data"))
+        external = fp32_bytes > 2**31 - 2**27  # keep protobuf's 2 GiB limit, as the exporter does
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant-") as scratch:
+            prepared = Path(scratch) / "prepared.onnx"
+            quant_pre_process(
+                str(src),
+                str(prepared),
+                skip_symbolic_shape=True,
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+            )
+            common = {
+                "op_types_to_quantize": list(op_types) if op_types else None,
+                "per_channel": per_channel,
+                "weight_type": QuantType[weight_type],
+                "nodes_to_exclude": list(nodes_to_exclude) or None,
+                "use_external_data_format": external,
+            }
+            if mode == "dynamic":
+                quantize_dynamic(str(prepared), str(target), **common)
+            else:
+                quantize_static(
+                    str(prepared),
+                    str(target),
+                    _FeedReader(calibration[name]),
+                    quant_format=QuantFormat[quant_format],
+                    activation_type=QuantType.QUInt8,
+                    **common,
+                )
+        quantize_s = time.perf_counter() - start
+
+        if parity_inputs and name in parity_inputs:
+            inputs = parity_inputs[name]
+        elif calibration and calibration.get(name):
+            inputs = calibration[name][0]
+        else:
+            inputs = component_inputs(src_dir, name, batch=PARITY_BATCH)
+        max_abs_err, psnr_db = onnx_pair_parity(src, target, inputs)
+        logger.info(
+            "%s: int8 %s in %.1f s, max abs err %.3g, PSNR %.1f dB (floor %.0f dB)",
+            name,
+            mode,
+            quantize_s,
+            max_abs_err,
+            psnr_db,
+            psnr_floor_db,
+        )
+        result["parity"].append(
+            {
+                "component": name,
+                "format": "onnx-int8",
+                "reference": "onnx-fp32",
+                "max_abs_err": max_abs_err,
+                "psnr_db": psnr_db,
+                "psnr_floor_db": psnr_floor_db,
+            }
+        )
+        result["files"][name] = {
+            "path": f"{name}/model.onnx",
+            "size_bytes": target.stat().st_size + _size(target.with_name("model.onnx_data")),
+            "fp32_size_bytes": fp32_bytes,
+            "quantize_s": round(quantize_s, 3),
+        }
+        if not psnr_db >= psnr_floor_db:  # `not >=` so NaN fails too
+            raise ParityError(
+                f"{name}: int8 ({mode}, {quant_format}) vs fp32 ONNX PSNR {psnr_db:.1f} dB, below the floor "
+                f"{psnr_floor_db:.0f} dB (max abs error {max_abs_err:.3g}); keep sensitive nodes in fp32 "
+                "(nodes_to_exclude), quantize fewer op types, or use mode 'static' with more calibration feeds"
+            )
+    return result
+
+
+def onnx_pair_parity(reference_path: Path, test_path: Path, inputs: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(max abs error, lowest PSNR) of `test_path` against `reference_path`, both run in ORT CPU
+    on the same inputs (cast to each graph's declared dtypes by `benchmarks.latency.ort_feed`)."""
+    from benchmarks.latency import ort_feed, ort_session
+    from export.validate import psnr
+
+    outputs = []
+    for path in (reference_path, test_path):
+        session, _ = ort_session(path)
+        outputs.append([np.asarray(o, dtype=np.float32) for o in session.run(None, ort_feed(session, inputs))])
+        del session
+    max_abs_err, psnr_db = 0.0, float("inf")
+    for ref, out in zip(*outputs, strict=True):
+        if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+            return float("nan"), float("nan")
+        max_abs_err = max(max_abs_err, float(np.max(np.abs(ref - out), initial=0.0)))
+        psnr_db = min(psnr_db, psnr(ref, out))
+    return max_abs_err, psnr_db
+
+
+class _FeedReader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feeds (duck-typed: ORT only
+    calls get_next, and rewind when it re-reads)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def rewind(self):
+        self.position = 0
+
+
+def collect_unet_calibration(
+    onnx_dir: Path,
+    prompts: list[str],
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    n: int = 32,
+    threads: int = 0,
+) -> list[dict[str, np.ndarray]]:
+    """UNet feeds recorded while the ONNX pipeline in `onnx_dir` draws one image per prompt.
+
+    Every denoising step of `benchmarks.runner.ort_generator` feeds the UNet
+    {"sample": (2N, C, h, w), "timestep": () float32, "encoder_hidden_states": (2N, L, D)}
+    (unconditional and conditional halves); returns `n` of the `steps` feeds, evenly spaced over
+    the trajectory so early (noisy) and late (clean) steps are both represented.
+    """
+    from benchmarks.runner import ort_generator
+
+    recorded: list[dict[str, np.ndarray]] = []
+    generate = ort_generator(
+        onnx_dir,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        threads=threads,
+        unet_hook=lambda feed: recorded.append({k: np.array(v, copy=True) for k, v in feed.items()}),
+    )
+    generate(list(prompts), seed)
+    if not recorded:
+        raise RuntimeError("the ONNX pipeline ran no UNet step; pass at least one prompt and steps >= 1")
+    picks = np.unique(np.linspace(0, len(recorded) - 1, num=min(n, len(recorded))).round().astype(int))
+    return [recorded[i] for i in picks]
+
+
+class _DropRootWarnings(logging.Filter):
+    def filter(self, record):
+        message = record.getMessage()
+        return not (
+            message.startswith("Inference failed or unsupported type") or " is out-of-range for weight " in message
+        )
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0

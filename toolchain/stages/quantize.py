@@ -1,0 +1,116 @@
+"""Stage `quantize`: int8 and/or fp16 versions of the exported ONNX models, each behind a parity gate.
+
+Input: the sealed `export` artifact (an optimum-layout ONNX folder). Output, in this stage's own
+folder: the same layout with `cfg.components` int8 (ONNX Runtime quantization, gated by a PSNR
+floor against the fp32 ONNX component) and, with `cfg.fp16`, the other components fp16 (gated by
+`export.onnx_fp16`'s tolerance). Static int8 is calibrated on UNet inputs recorded while the fp32
+ONNX pipeline draws the recipe's own prompts (its concepts' prompts, else `calibration_text`).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from toolchain.artifact import Artifact, folder_size
+from toolchain.config import QuantizeConfig
+
+
+def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
+    from export.onnx_fp16 import convert_onnx_folder_fp16
+    from export.quantize import collect_unet_calibration, quantize_onnx_folder
+    from export.validate import ParityError
+    from toolchain.pipeline import GateError
+
+    if not (cfg.enabled or cfg.fp16):
+        raise ValueError("stage quantize runs only with quantize.enabled=true or quantize.fp16=true")
+    src = source.files
+    exported = sorted(p.parent.name for p in src.glob("*/model.onnx"))
+    missing = sorted(set(cfg.components) - set(exported)) if cfg.enabled else []
+    if missing:
+        raise GateError(
+            f"quantize.components {missing} were not exported (exported: {exported}); "
+            "add them to export.components or drop them from quantize.components"
+        )
+    int8 = list(cfg.components) if cfg.enabled else []
+    records = {"int8": {}, "fp16_components": []}
+    metrics = {"parity": [], "files": {}}
+    try:
+        if cfg.fp16:  # first, so the int8 files copied over it below are the last word
+            rest = [c for c in exported if c not in int8]
+            if rest:
+                result = convert_onnx_folder_fp16(src, ctx.out_dir, components=rest, progress=ctx.progress)
+                metrics["parity"] += result["parity"]
+                metrics["files"].update(result["files"])
+                records["fp16_components"] = rest
+        if int8:
+            calibration = None
+            if cfg.mode == "static":
+                calibration = {}
+                prompts = _calibration_prompts(cfg, ctx)
+                for name in int8:
+                    if name != "unet":
+                        raise GateError(
+                            f"quantize.mode=static calibrates the UNet only; {name!r} needs quantize.mode=dynamic "
+                            "or quantize.components=[unet]"
+                        )
+                    calibration["unet"] = collect_unet_calibration(
+                        src,
+                        prompts,
+                        steps=cfg.calibration_steps,
+                        guidance_scale=cfg.calibration_guidance_scale,
+                        seed=cfg.calibration_seed,
+                        n=cfg.calibration_feeds,
+                    )
+            scratch = ctx.out_dir / ".int8"
+            result = quantize_onnx_folder(
+                src,
+                scratch,
+                mode=cfg.mode,
+                components=int8,
+                per_channel=cfg.per_channel,
+                op_types=list(cfg.op_types) or None,
+                weight_type=cfg.weight_type,
+                quant_format=cfg.quant_format if cfg.mode == "static" else "QOperator",
+                calibration=calibration,
+                nodes_to_exclude=tuple(cfg.exclude_nodes),
+                psnr_floor_db=cfg.psnr_floor_db,
+                progress=ctx.progress,
+            )
+            if not records["fp16_components"]:  # nothing written yet: take the whole folder
+                shutil.copytree(scratch, ctx.out_dir, dirs_exist_ok=True)
+            else:
+                for name in int8:
+                    shutil.copytree(scratch / name, ctx.out_dir / name, dirs_exist_ok=True)
+            shutil.rmtree(scratch)
+            metrics["parity"] += result["parity"]
+            metrics["files"].update(result["files"])
+            records["int8"] = result["quantization"]
+    except ParityError as exc:
+        raise GateError(str(exc)) from exc
+    for name in exported:  # components neither quantized nor converted stay as exported
+        metrics["files"].setdefault(
+            name,
+            {"path": f"{name}/model.onnx", "size_bytes": folder_size(ctx.out_dir / name), "precision": "fp32"},
+        )
+    return Artifact(
+        path=ctx.out_dir,
+        kind="onnx",
+        records=records,
+        metrics={**metrics, "params": dict(source.metrics.get("params", {})), "size_bytes": folder_size(ctx.out_dir)},
+    )
+
+
+def _calibration_prompts(cfg: QuantizeConfig, ctx) -> list[str]:
+    """`cfg.calibration_prompts` prompts: the erased concepts' retain, erase and held-out prompts, then
+    `cfg.calibration_text`, repeated in turn when there are fewer; "" when the recipe has none."""
+    from toolchain.config import load_concept
+
+    pool: list[str] = []
+    for name in getattr(ctx.config, "erase", []) or []:
+        concept = load_concept(name)
+        for prompts in concept.retain_prompts.values():
+            pool += prompts
+        pool += list(concept.erase_prompts) + list(concept.heldout_prompts)
+    pool += list(cfg.calibration_text)
+    pool = list(dict.fromkeys(pool)) or [""]
+    return [pool[i % len(pool)] for i in range(cfg.calibration_prompts)]
