@@ -99,6 +99,134 @@ class ConceptPruneConfig:
             raise ConfigError(f"concept_prune.guidance_scale={self.guidance_scale}: must be >= 0, e.g. 7.5")
 
 
+FINETUNE_MODES = ("distill", "sequential", "bilevel", "bilevel-penalty")  # "auto" resolves to one of these
+# The registered objectives of toolchain.unlearning, listed here so loading a config imports no
+# torch; a test checks that both lists agree.
+OBJECTIVE_NAMES = ("ablation", "all-but-one", "erasediff", "esd", "sfd")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Distill the pruned student from the unpruned teacher, optionally unlearning `erase`.
+
+    Lower level (every mode): L_ft = w_diff·L_diff + w_out·L_outKD + w_feat·L_featKD.
+    Upper level (sequential / bilevel / bilevel-penalty): the unlearning `objective`.
+    Learning rates default to values that work on the digits model (3.3M params, 16x16 px);
+    the paper's SD-2.1 values are lower_lr=1e-6, upper_lr=5e-6, warmup_steps=250.
+    """
+
+    enabled: bool = False  # run the stage
+    # "auto": bilevel when --erase names concepts, distill otherwise (resolved by `resolve_finetune`)
+    mode: Literal["auto", "distill", "sequential", "bilevel", "bilevel-penalty"] = "bilevel"
+    objective: str = "esd"  # upper loss: esd, ablation, erasediff, sfd, all-but-one
+    trainable: Literal["full", "cross_attention", "non_cross_attention"] = "full"  # what upper steps change
+    steps: int = 1000  # optimiser steps in total (sequential: distill steps + unlearn_steps)
+    batch_size: int = 16  # global batch of one lower step (split over processes)
+    upper_batch_size: int = 16  # global batch of one upper step
+    gradient_accumulation_steps: int = 1  # micro-batches per step (batch_size must divide evenly)
+    lower_lr: float = 1e-4  # AdamW lr of the lower (distillation) optimiser; paper 1e-6
+    upper_lr: float = 5e-4  # AdamW lr of the upper (unlearning) optimiser; paper 5e-6
+    warmup_steps: int = 0  # linear lr warm-up of the lower optimiser; paper 250
+    upper_every: int = 10  # bilevel: one upper step every K lower steps (code K=10, paper text K=20)
+    unlearn_steps: int = 0  # sequential: unlearning steps at the end; 0 = steps // upper_every
+    inner_steps: int = 5  # bilevel-penalty: inner L_ft steps on the copy per outer step
+    penalty_lambda: float = 10.0  # bilevel-penalty: outer step on ∇L_CU + λ∇L_ft (paper 100)
+    w_diff: float = 1.0  # weight of the denoising loss
+    w_out: float = 2.0  # weight of output distillation
+    w_feat: float = 0.1  # weight of block-feature distillation
+    snr_gamma: float = 5.0  # min-SNR weighting of L_diff; 0 disables it
+    feature_kd: Literal["project", "matching"] = "project"  # pruned widths: learned 1x1 conv, or skip
+    prompt_dropout: float = 0.1  # share of retain prompts replaced by "" (keeps CFG working)
+    retain_prompts: list[str] = field(default_factory=list)  # empty: every other concept of the judge
+    retain_judge: str = "digits"  # judge whose concepts give the retain prompts when nothing is erased
+    samples_per_prompt: int = 8  # teacher samples (x_0 latents) per prompt, generated once
+    sample_steps: int = 25  # DDIM steps of the teacher samples
+    sample_guidance: float = 5.0  # guidance scale of the teacher samples
+    esd_eta: float = 1.0  # ESD negative-guidance strength
+    abo_beta: float = 1.0  # All-but-One: weight of the unconditional-score term
+    erasediff_lambda: float = 1.0  # EraseDiff: fixed λ; < 0 = adaptive max(η − cos, 0)
+    erasediff_eta: float = 0.1  # EraseDiff: η of the adaptive rule
+    erasediff_inner_steps: int = 0  # EraseDiff: steps estimating min L_f on a copy (log only)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision
+    gradient_checkpointing: bool = False  # UNet gradient checkpointing (saves memory on CUDA)
+    checkpoint_every: int = 100  # save weights + optimiser states every N steps
+    max_loss: float = 1e4  # a loss above this (or NaN/inf) stops the run
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in (*FINETUNE_MODES, "auto"):
+            raise ConfigError(f"finetune.mode={self.mode!r}: use one of {list(FINETUNE_MODES)}")
+        if self.objective not in OBJECTIVE_NAMES:
+            raise ConfigError(f"finetune.objective={self.objective!r}: use one of {list(OBJECTIVE_NAMES)}")
+        for name in (
+            "steps",
+            "batch_size",
+            "upper_batch_size",
+            "gradient_accumulation_steps",
+            "upper_every",
+            "inner_steps",
+            "samples_per_prompt",
+            "sample_steps",
+            "checkpoint_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("unlearn_steps", "warmup_steps", "erasediff_inner_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
+        if self.mode == "sequential" and self.unlearn_steps >= self.steps:
+            raise ConfigError(
+                f"finetune.unlearn_steps={self.unlearn_steps} >= finetune.steps={self.steps}: "
+                "sequential needs distillation steps first; lower unlearn_steps"
+            )
+        for name in ("batch_size", "upper_batch_size"):
+            if getattr(self, name) % self.gradient_accumulation_steps:
+                raise ConfigError(
+                    f"finetune.{name}={getattr(self, name)} is not divisible by "
+                    f"finetune.gradient_accumulation_steps={self.gradient_accumulation_steps}"
+                )
+        for name in ("lower_lr", "upper_lr", "max_loss"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be > 0")
+        for name in ("w_diff", "w_out", "w_feat", "snr_gamma", "penalty_lambda", "abo_beta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
+        if self.w_diff + self.w_out + self.w_feat == 0:
+            raise ConfigError("finetune.w_diff, w_out and w_feat are all 0: the lower loss would be empty")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"finetune.prompt_dropout={self.prompt_dropout}: must be in [0, 1), e.g. 0.1")
+
+    @property
+    def unlearns(self) -> bool:
+        return self.mode != "distill"
+
+    @property
+    def sequential_unlearn_steps(self) -> int:
+        return self.unlearn_steps or max(1, self.steps // self.upper_every)
+
+
+def resolve_finetune(cfg: FinetuneConfig, erase: list[str]) -> FinetuneConfig:
+    """Settle finetune.mode=auto: unlearn (bilevel) when concepts are erased, else distill only."""
+    if cfg.mode != "auto":
+        return cfg
+    return dataclasses.replace(cfg, mode="bilevel" if erase else "distill")
+
+
+def check_finetune(cfg: FinetuneConfig, erase: list[str]) -> None:
+    """Run-level checks (call from `plan()`): an unlearning mode needs concepts to erase, and
+    every erase concept needs prompts (`load_concept` refuses an empty `erase_prompts`)."""
+    if not cfg.enabled:
+        return
+    if cfg.unlearns and not erase:
+        raise ConfigError(
+            f"finetune.mode={cfg.mode} unlearns a concept but nothing is erased; pass --erase CONCEPT "
+            "or use finetune.mode=distill"
+        )
+    for name in erase:
+        if not load_concept(name).erase_prompts:
+            raise ConfigError(f"--erase {name}: the concept has no erase_prompts; list the prompts that name it")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Export to the target's format with a parity gate against PyTorch (stage `export`)."""
@@ -253,6 +381,7 @@ class RunConfig:
     description: str = ""  # what the recipe is for (shown by `compress validate`)
     erase: list[str] = field(default_factory=list)  # concepts to erase (names or aliases)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)

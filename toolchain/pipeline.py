@@ -3,6 +3,7 @@
 Run folder layout (`--out`):
     00-source/manifest.json      points at the input model (never copied, never modified)
     01-prune/                    diffusers folder + manifest.json
+    02-finetune/                 (with finetune.enabled) distilled student, unlearning --erase
     02-concept_prune/            (with concept_prune.enabled) skilled neurons of --erase zeroed
     02-export/                   target-format folder + manifest.json
     03-quantize/                 (with quantize.enabled / quantize.fp16) int8 / fp16 ONNX folder
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain import artifact as art
-from toolchain.config import ConfigError, RunConfig, load_concept, to_dict
+from toolchain.config import ConfigError, RunConfig, check_finetune, load_concept, resolve_finetune, to_dict
 from toolchain.models.io import check_pipeline_folder, link_or_copy_tree
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ def _prune(source, cfg, ctx):
     from toolchain.stages import prune
 
     return prune.run(source, cfg, ctx)
+
+
+def _finetune(source, cfg, ctx):
+    from toolchain.stages import finetune
+
+    return finetune.run(source, cfg, ctx)
 
 
 def _concept_prune(source, cfg, ctx):
@@ -101,6 +108,9 @@ def _benchmark(source, cfg, ctx):
 
 STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune, _prune),
+    "finetune": Stage(
+        "finetune", 1, lambda c: resolve_finetune(c.finetune, c.erase), _finetune, extra=lambda c: {"erase": c.erase}
+    ),
     "concept_prune": Stage(
         "concept_prune", 1, lambda c: c.concept_prune, _concept_prune, extra=lambda c: {"erase": c.erase}
     ),
@@ -122,6 +132,9 @@ def plan(cfg: RunConfig) -> list[Stage]:
     stages = []
     if cfg.prune.method != "none":
         stages.append(STAGES["prune"])
+    if cfg.finetune.enabled:
+        check_finetune(resolve_finetune(cfg.finetune, cfg.erase), cfg.erase)
+        stages.append(STAGES["finetune"])
     if cfg.concept_prune.enabled:
         if not cfg.erase:
             raise ConfigError("concept_prune.enabled=true needs a concept to erase; pass --erase CONCEPT")

@@ -105,8 +105,14 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
             "Core ML prediction needs macOS: the .mlpackage files were checked by their spec only; "
             "run device_tests/ on a Mac for parity and latency"
         )
-    if ctx.config.erase:
-        warnings.append("this version has no unlearning stage: the erased concepts are measured, not yet removed")
+    unlearned = any(a.stage == "concept_prune" for a in chain) or any(
+        a.stage == "finetune" and a.config.get("mode") != "distill" for a in chain
+    )
+    if ctx.config.erase and not unlearned:
+        warnings.append(
+            "no unlearning stage ran (finetune.enabled=true with an unlearning mode, or concept_prune.enabled=true): "
+            "the erased concepts are measured, not removed"
+        )
 
     def pipeline_files(artifact: Artifact) -> dict[str, str]:
         files = {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}

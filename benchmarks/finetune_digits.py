@@ -1,0 +1,243 @@
+"""Finetune stage on the digits world: erase digit 7 from a 30%-channel-pruned student.
+
+Rows: the teacher, the pruned student without fine-tuning, distillation alone, distill-then-ESD
+(sequential, same steps in total), bilevel with every unlearning objective, and distillation
+followed by ConceptPrune (skill_ratio 0.3: at the paper's 0.01-0.02 it changes nothing on this
+model). Columns: leakage of 7 on its training prompts and on held-out phrasings, judge accuracy
+on the other nine digits (2 prompts each), judge FID of those images, training wall time (the
+teacher samples, generated once and shared by every row, are not counted) and steps.
+
+    python -m benchmarks.finetune_digits --steps 400 --out benchmarks/results/finetune-digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = (
+    "teacher",
+    "pruned",
+    "distill",
+    "sequential-esd",
+    "bilevel-esd",
+    "bilevel-ablation",
+    "bilevel-erasediff",
+    "bilevel-sfd",
+    "bilevel-all-but-one",
+    "distill+conceptprune",
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--n-per-prompt", type=int, default=8)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--samples-cache", type=Path, default=None, help="reuse teacher samples from this file")
+    parser.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="only time distill vs bilevel-esd, alternating 3 times with STEPS steps each; merged into OUT.json",
+    )
+    parser.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    import diffusers
+    import transformers
+
+    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from toolchain.config import FinetuneConfig, load_concept
+    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
+    from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
+
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
+    seven = load_concept("7")
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    teacher = pipe.unet
+    student0 = copy.deepcopy(teacher)
+    prune_unet_channels(student0, 0.3)
+    judge = get_judge("digits")
+    erase = {"7": seven.erase_prompts}
+    heldout = {"7": seven.heldout_prompts}
+    retain = dict(seven.retain_prompts)
+
+    tmp = Path(tempfile.mkdtemp(prefix="finetune-digits-"))
+    start = time.perf_counter()
+    data = prepare_data(
+        pipe,
+        retain_prompt_list(base, [seven]),
+        [(p, seven.anchor_prompt) for p in seven.erase_prompts],
+        base,
+        args.samples_cache or tmp / "samples.safetensors",
+        progress=True,
+    )
+    sample_s = time.perf_counter() - start
+
+    def evaluate(unet) -> dict:
+        pipe.unet = unet.eval()
+        generate = diffusers_generator(pipe)
+        scores = evaluate_concepts(generate, judge, erase, retain, args.n_per_prompt, seed=1)
+        held = evaluate_concepts(generate, judge, heldout, {}, args.n_per_prompt, seed=2)
+        pipe.unet = teacher
+        return {
+            "leakage_7": scores.leakage["7"],
+            "leakage_7_heldout": held.leakage["7"],
+            "retain_accuracy": scores.retain_accuracy,
+            "fid": scores.fid,
+        }
+
+    def finetune(mode: str, objective: str = "esd", **extra):
+        cfg = FinetuneConfig(**{**vars(base), "mode": mode, "objective": objective, **extra})
+        out = tmp / f"{mode}-{objective}-{len(list(tmp.iterdir()))}"  # never resume another row's run
+        student, summary = train(copy.deepcopy(student0), teacher, data, cfg, dict(pipe.scheduler.config), out, True)
+        return student, summary["wall_s"]
+
+    if args.timing:
+        runs = {"distill": [], "bilevel-esd": []}
+        timing_base = base
+        for _ in range(3):
+            for name, mode in (("distill", "distill"), ("bilevel-esd", "bilevel")):
+                cfg = FinetuneConfig(**{**vars(timing_base), "steps": args.timing, "mode": mode})
+                _, summary = train(
+                    copy.deepcopy(student0),
+                    teacher,
+                    data,
+                    cfg,
+                    dict(pipe.scheduler.config),
+                    tmp / f"timing-{name}-{len(runs[name])}",
+                    False,
+                )
+                runs[name].append(summary["wall_s"])
+        best = {k: min(v) for k, v in runs.items()}
+        timing = {
+            "steps": args.timing,
+            "wall_s": runs,
+            "best_s": best,
+            "bilevel_over_distill": round(best["bilevel-esd"] / best["distill"], 3),
+        }
+        print("timing", timing, flush=True)
+        if args.out is not None and args.out.with_suffix(".json").is_file():
+            result = json.loads(args.out.with_suffix(".json").read_text())
+            result["timing"] = {
+                **timing,
+                "command": "python -m benchmarks.finetune_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+            }
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(to_markdown(result))
+        return {"timing": timing}
+
+    rows = {}
+    for name in args.rows:
+        wall, steps = 0.0, 0
+        if name == "teacher":
+            unet = teacher
+        elif name == "pruned":
+            unet = student0
+        elif name in ("distill", "distill+conceptprune"):
+            unet, wall = finetune("distill")
+            steps = base.steps
+            if name == "distill+conceptprune":
+                from toolchain.pruning.concept_neurons import concept_prune
+
+                pipe.unet = unet
+                start = time.perf_counter()
+                concept_prune(
+                    pipe, seven.erase_prompts, [seven.anchor_prompt], skill_ratio=0.3, steps=25, guidance_scale=5.0
+                )
+                wall += time.perf_counter() - start
+                pipe.unet = teacher
+        elif name == "sequential-esd":
+            unet, wall = finetune("sequential", "esd")
+            steps = base.steps
+        else:
+            unet, wall = finetune("bilevel", name.removeprefix("bilevel-"))
+            steps = base.steps
+        rows[name] = {**evaluate(unet), "wall_s": round(wall, 1), "steps": steps}
+        print(name, rows[name], flush=True)
+
+    result = {
+        "command": "python -m benchmarks.finetune_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+        "settings": {
+            **vars(base),
+            "prune_ratio": 0.3,
+            "erase": "7",
+            "n_per_prompt": args.n_per_prompt,
+            "teacher_samples_s": round(sample_s, 1),
+            "teacher_samples": len(data.latents),
+        },
+        "rows": rows,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    rows = result["rows"]
+    teacher_acc = rows.get("teacher", {}).get("retain_accuracy")
+    distill_s = rows.get("distill", {}).get("wall_s")
+    lines = [
+        "# Finetune stage on the digits world: erase 7, 30% channel pruning",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']['platform']}, 1 torch thread; versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        "| row | leakage 7 | leakage 7 (held-out) | retain acc | retain / teacher | judge FID | wall s | x distill | steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        rel = f"{r['retain_accuracy'] / teacher_acc:.2f}" if teacher_acc else "-"
+        speed = f"{r['wall_s'] / distill_s:.2f}" if distill_s and r["steps"] else "-"
+        fid = f"{r['fid']:.1f}" if r["fid"] is not None else "-"
+        lines.append(
+            f"| {name} | {r['leakage_7']:.1%} | {r['leakage_7_heldout']:.1%} | {r['retain_accuracy']:.1%} | {rel} | "
+            f"{fid} | {r['wall_s']} | {speed} | {r['steps']} |"
+        )
+    s = result["settings"]
+    lines += [
+        "",
+        f"Settings: lower_lr {s['lower_lr']}, upper_lr {s['upper_lr']}, K={s['upper_every']}, batch {s['batch_size']}, "
+        f"{s['teacher_samples']} teacher samples ({s['teacher_samples_s']} s, shared, not in wall s), "
+        f"{s['n_per_prompt']} images per prompt, DDIM 25 steps, guidance 5.",
+        "Target: bilevel leakage <= 5% with retain >= 95% of the teacher's at <= 1.2x distill's wall time.",
+        "Wall s in the table was taken on 2 CPU cores shared with other jobs, so it is noisy.",
+        "",
+    ]
+    lines += [f"- {note}" for note in result.get("notes", [])]
+    if "timing" in result:
+        t = result["timing"]
+        lines += [
+            f"Timing (`{t['command']}`): distill vs bilevel-esd, {t['steps']} steps each, alternated 3 times, "
+            f"best of 3: distill {t['best_s']['distill']} s, bilevel-esd {t['best_s']['bilevel-esd']} s, "
+            f"ratio {t['bilevel_over_distill']}x (all runs: {t['wall_s']}).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+"""Stage `finetune`: distillation, unlearning objectives, modes, resume, multi-process, bad input.
+
+Tiny real models under fixed seeds (tests/assets/tiny-sd, random weights, 16x16 px), plus one
+short run on the embedded digits model for erasure; heavier checks are marked `slow`.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolchain.config import ConfigError, FinetuneConfig, RunConfig
+
+torch.set_num_threads(1)
+
+RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
+FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
+FAST = dict(
+    samples_per_prompt=2,
+    sample_steps=2,
+    batch_size=4,
+    upper_batch_size=4,
+    checkpoint_every=1000,
+    lower_lr=1e-3,
+    upper_lr=1e-3,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sd_dir, tmp_path_factory):
+    """(teacher pipeline, pruned student UNet, training data, scheduler config)."""
+    from toolchain.models.io import load_pipeline
+    from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.stages.finetune import prepare_data
+
+    pipe = load_pipeline(tiny_sd_dir)
+    cache = tmp_path_factory.mktemp("samples") / "teacher_samples.safetensors"
+    data = prepare_data(pipe, RETAIN, FORGET, FinetuneConfig(**FAST), cache)
+    student = copy.deepcopy(pipe.unet)
+    prune_unet_channels(student, 0.3)
+    return pipe, student, data, dict(pipe.scheduler.config)
+
+
+def _train(tiny, tmp_path, **overrides):
+    from toolchain.stages.finetune import train
+
+    pipe, student, data, scheduler_config = tiny
+    stop_after = overrides.pop("stop_after", None)
+    cfg = FinetuneConfig(**{**FAST, **overrides})
+    return train(copy.deepcopy(student), pipe.unet, data, cfg, scheduler_config, tmp_path, stop_after=stop_after)
+
+
+def _losses(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "losses.jsonl").read_text().splitlines()]
+
+
+def _state(unet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def test_teacher_samples_are_cached_and_reused(tiny, tmp_path):
+    from toolchain.stages.finetune import prepare_data
+
+    pipe, _, data, _ = tiny
+    cfg = FinetuneConfig(**FAST)
+    assert data.latents.shape == ((1 + len(RETAIN) + 2 + 1) * 2, 4, 8, 8)  # "" + retain + forget + anchor
+    assert len(data.retain_rows) == len(RETAIN) * 2 and len(data.forget_rows) == 4
+    first = prepare_data(pipe, RETAIN, FORGET, cfg, tmp_path / "s.safetensors")
+    mtime = (tmp_path / "s.safetensors").stat().st_mtime_ns
+    again = prepare_data(pipe, RETAIN, FORGET, cfg, tmp_path / "s.safetensors")
+    assert (tmp_path / "s.safetensors").stat().st_mtime_ns == mtime, "a matching cache must be reused"
+    assert torch.equal(first.latents, again.latents)
+
+
+def test_retain_prompts_are_every_other_digit():
+    from toolchain.config import load_concept
+    from toolchain.stages.finetune import retain_prompt_list
+
+    prompts = retain_prompt_list(FinetuneConfig(), [load_concept("7")])
+    seven = load_concept("7").erase_prompts
+    assert not set(prompts) & set(seven)
+    assert set(load_concept("3").erase_prompts) <= set(prompts)
+    assert len(prompts) == sum(len(load_concept(str(d)).erase_prompts) for d in range(10) if d != 7)
+    assert retain_prompt_list(FinetuneConfig(retain_prompts=["x"]), []) == ["x"]
+
+
+def test_min_snr_weights_epsilon_and_v():
+    from diffusers import DDPMScheduler
+
+    from toolchain.stages.finetune import diffusion_target, min_snr_weights
+
+    t = torch.tensor([0, 500, 999])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    snr = eps.alphas_cumprod[t] / (1 - eps.alphas_cumprod[t])
+    assert torch.allclose(min_snr_weights(eps, t, 5.0), torch.clamp(snr, max=5.0) / snr)
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.allclose(min_snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    assert torch.equal(diffusion_target(eps, x0, noise, t), noise)
+    assert torch.allclose(diffusion_target(v, x0, noise, t), v.get_velocity(x0, noise, t))
+
+
+# ------------------------------------------------------------------------------------ distill
+
+
+def test_distill_loss_falls_teacher_frozen_and_pruned_widths_projected(tiny, tmp_path):
+    pipe, student, _, _ = tiny
+    teacher_before = _state(pipe.unet)
+    trained, summary = _train(tiny, tmp_path, mode="distill", steps=80, lower_lr=3e-3)
+    losses = [r["lower"] for r in _losses(tmp_path)]
+    assert len(losses) == 80
+    assert sum(losses[-20:]) < 0.95 * sum(losses[:20]), losses
+    # distillation alone (the random tiny teacher denoises badly, so L_diff pulls elsewhere) brings
+    # the student's output close to the teacher's on a fixed noised batch of teacher samples
+    from diffusers import DDPMScheduler
+
+    data = tiny[2]
+    g = torch.Generator().manual_seed(123)
+    sel = torch.randint(0, len(data.retain_rows), (16,), generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    x0 = data.latents[data.retain_rows[sel]]
+    x_t = DDPMScheduler.from_config(tiny[3]).add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    emb = data.emb[data.retain_pids[sel]]
+    kd_only, _ = _train(tiny, tmp_path / "kd", mode="distill", steps=80, lower_lr=3e-3, w_diff=0.0)
+    with torch.no_grad():
+        ref = pipe.unet(x_t, t, emb).sample
+        before, after = (torch.nn.functional.mse_loss(u(x_t, t, emb).sample, ref) for u in (student, kd_only))
+    assert after < 0.5 * before, (before, after)
+    assert all(r["feat_kd"] > 0 for r in _losses(tmp_path))
+    widths = summary["feature_kd_blocks"]
+    assert set(widths) == {"down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"}
+    assert any(s != t for s, t in widths.values()), "channel pruning must leave some widths different"
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher changed: {k}"
+    assert all(not p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_feature_kd_matching_skips_pruned_blocks(tiny, tmp_path):
+    _, summary = _train(tiny, tmp_path, mode="distill", steps=1, feature_kd="matching")
+    assert all(s == t for s, t in summary["feature_kd_blocks"].values())
+
+
+# --------------------------------------------------------------------------------- objectives
+
+
+@pytest.mark.parametrize("objective", ["esd", "ablation", "sfd", "all-but-one", "erasediff", "erasediff-adaptive"])
+def test_each_objective_loss_falls(tiny, tmp_path, objective):
+    extra = {}
+    if objective == "erasediff-adaptive":  # λ = max(η − cos(∇L_r, ∇q), 0), L_f* from 1 step on a copy
+        objective, extra = "erasediff", {"erasediff_lambda": -1.0, "erasediff_inner_steps": 1}
+    _train(tiny, tmp_path, mode="sequential", steps=16, unlearn_steps=15, objective=objective, **extra)
+    records = _losses(tmp_path)
+    key = "forget" if objective == "erasediff" else "upper"
+    upper = [r[key] for r in records if key in r]
+    assert len(upper) == 15
+    assert sum(upper[-4:]) < sum(upper[:4]), (objective, upper)
+    if extra:
+        assert all("erasediff_lambda" in r and "forget_gap" in r for r in records[1:])
+    elif objective == "erasediff":
+        assert all(r["erasediff_lambda"] == 1.0 and "retain" in r for r in records[1:])
+
+
+@pytest.mark.parametrize("subset", ["cross_attention", "non_cross_attention"])
+def test_upper_steps_change_only_the_trainable_subset(tiny, tmp_path, subset):
+    from toolchain.unlearning import trainable_parameters
+
+    _, student, _, _ = tiny
+    before = _state(student)
+    # every step is an upper step: sequential with unlearn_steps = steps - 1, and a zero-lr distill step
+    trained, _ = _train(tiny, tmp_path, mode="sequential", steps=4, unlearn_steps=3, trainable=subset, lower_lr=1e-12)
+    chosen = {name for name, _ in trainable_parameters(trained, subset)}
+    after = trained.state_dict()
+    changed = {k for k in after if not torch.allclose(after[k], before[k], atol=1e-8)}
+    assert changed, "nothing was trained"
+    assert changed <= chosen, f"changed outside {subset}: {sorted(changed - chosen)[:5]}"
+    assert all((".attn2." in k) == (subset == "cross_attention") for k in changed)
+
+
+def test_bilevel_interleaves_upper_steps(tiny, tmp_path):
+    _train(tiny, tmp_path, mode="bilevel", steps=6, upper_every=3)
+    records = _losses(tmp_path)
+    assert [r["step"] for r in records if "upper" in r] == [2, 5]
+    assert all("lower" in r for r in records)
+
+
+def test_bilevel_penalty_runs_and_logs_the_gap(tiny, tmp_path):
+    _train(tiny, tmp_path, mode="bilevel-penalty", steps=3, inner_steps=2, checkpoint_every=2)
+    records = _losses(tmp_path)
+    assert len(records) == 3 and all({"inner", "upper", "lower", "gap"} <= set(r) for r in records)
+
+
+# ------------------------------------------------------------------------------- robust runs
+
+
+@pytest.mark.parametrize("mode", ["bilevel", "bilevel-penalty"])
+def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, mode):
+    settings = dict(mode=mode, steps=6, upper_every=2, checkpoint_every=2, inner_steps=1)
+    full, _ = _train(tiny, tmp_path / "full", **settings)
+    _train(tiny, tmp_path / "killed", stop_after=3, **settings)  # "killed" after step 3; checkpoint at 2
+    assert json.loads((tmp_path / "killed/checkpoints/step-0000002/state.json").read_text())["step"] == 2
+    resumed, summary = _train(tiny, tmp_path / "killed", **settings)
+    assert summary["resumed_at"] == 2
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    assert [r["step"] for r in _losses(tmp_path / "killed")] == list(range(6))
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(tiny, tmp_path):
+    from toolchain.stages.finetune import TrainingDivergedError
+
+    with pytest.raises(TrainingDivergedError, match="lower loss") as err:
+        _train(tiny, tmp_path, mode="distill", steps=4, checkpoint_every=1, lower_lr=1e4, max_loss=2.0)
+    assert "last good checkpoint" in str(err.value)
+    assert list((tmp_path / "checkpoints").glob("step-*")), "the last good checkpoint must be kept"
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("objective", "nope", "esd"),
+        ("upper_every", 0, "upper_every"),
+        ("mode", "joint", "distill"),
+        ("steps", 0, "steps"),
+        ("prompt_dropout", 1.0, "prompt_dropout"),
+    ],
+)
+def test_bad_config_values_are_refused(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig(**{field: value})
+
+
+def test_unknown_objective_names_the_valid_ones():
+    from toolchain.config import OBJECTIVE_NAMES
+    from toolchain.unlearning import get_objective, objective_names
+
+    assert objective_names() == ["ablation", "all-but-one", "erasediff", "esd", "sfd"] == list(OBJECTIVE_NAMES)
+    with pytest.raises(ValueError, match="all-but-one"):
+        get_objective("nope")
+    with pytest.raises(ValueError, match="cross_attention"):
+        from toolchain.unlearning import trainable_parameters
+
+        trainable_parameters(torch.nn.Linear(2, 2), "attention")
+
+
+@pytest.mark.parametrize("mode", ["bilevel", "sequential", "bilevel-penalty"])
+def test_unlearning_without_erase_is_refused(mode):
+    from toolchain.config import check_finetune
+    from toolchain.stages.finetune import check_config
+
+    with pytest.raises(ConfigError, match="--erase"):
+        check_config(FinetuneConfig(mode=mode), [])
+    with pytest.raises(ConfigError, match="--erase"):
+        check_finetune(FinetuneConfig(enabled=True, mode=mode), [])
+    check_config(FinetuneConfig(mode="distill"), [])
+    check_finetune(FinetuneConfig(enabled=True, mode="distill"), [])
+
+
+def test_erase_concept_without_prompts_is_refused(tmp_path):
+    from toolchain.stages.finetune import check_config
+
+    concept = tmp_path / "empty.yaml"
+    concept.write_text("name: empty\njudge: digits\nlabel: x\nerase_prompts: []\n")
+    with pytest.raises(ConfigError, match="erase_prompts is empty"):
+        check_config(FinetuneConfig(), [str(concept)])
+
+
+def test_batch_not_divisible_by_processes_and_accumulation(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="divisible"):
+        FinetuneConfig(batch_size=6, gradient_accumulation_steps=4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path):
+    one, _ = _train(tiny, tmp_path / "one", mode="bilevel", steps=2, upper_every=2, prompt_dropout=0.0)
+    acc, _ = _train(
+        tiny,
+        tmp_path / "acc",
+        mode="bilevel",
+        steps=2,
+        upper_every=2,
+        prompt_dropout=0.0,
+        gradient_accumulation_steps=2,
+    )
+    _assert_same_training(tiny[1].state_dict(), one.state_dict(), acc.state_dict())
+
+
+def _assert_same_training(start, a, b, share=0.01):
+    """a and b took the same steps from `start`: they differ by < `share` of how far they moved.
+
+    Not allclose per tensor: Adam's first steps divide by |g|, so float-summation-order noise
+    in near-zero gradients (another batch split) moves single weights by up to ~lr."""
+    moved = torch.cat([(a[k].float() - start[k].float()).flatten() for k in start]).norm()
+    apart = torch.cat([(a[k].float() - b[k].float()).flatten() for k in start]).norm()
+    assert moved > 0, "nothing was trained"
+    assert apart < share * moved, f"runs differ by {apart:.3g}, {apart / moved:.2%} of the distance moved {moved:.3g}"
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny, tmp_path):
+    plain, _ = _train(tiny, tmp_path / "plain", mode="distill", steps=2)
+    ckpt, _ = _train(tiny, tmp_path / "ckpt", mode="distill", steps=2, gradient_checkpointing=True)
+    _assert_same_training(tiny[1].state_dict(), plain.state_dict(), ckpt.state_dict())
+
+
+# ------------------------------------------------------------------------------------- stage
+
+
+def test_stage_writes_a_pipeline_that_loads(tiny_sd_dir, tmp_path):
+    """run() end to end on the tiny pipeline: pruned input, erase digit 7, bilevel."""
+    from toolchain import artifact as art
+    from toolchain.models.io import check_pipeline_folder, load_pipeline, load_unet, save_unet
+    from toolchain.pipeline import RunContext
+    from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.stages import finetune
+
+    pruned = tmp_path / "pruned"
+    from toolchain.models.io import link_pipeline
+
+    link_pipeline(tiny_sd_dir, pruned, skip=("unet",))
+    unet = load_unet(tiny_sd_dir / "unet")
+    save_unet(unet, pruned / "unet", prune_unet_channels(unet, 0.3))
+    before = art.hash_folder(pruned)
+    out = tmp_path / "out.partial"
+    out.mkdir()
+    run_cfg = RunConfig(erase=["7"])
+    ctx = RunContext(
+        run_dir=tmp_path,
+        config=run_cfg,
+        out_dir=out,
+        chain=[art.Artifact(path=tmp_path / "src", kind="diffusers", model_path=tiny_sd_dir)],
+        progress=False,
+    )
+    cfg = FinetuneConfig(enabled=True, **{**FAST, "samples_per_prompt": 1}, steps=4, upper_every=2)
+    result = finetune.run(art.Artifact(path=pruned, kind="diffusers"), cfg, ctx)
+    assert art.hash_folder(pruned) == before, "the input must never be modified"
+    check_pipeline_folder(out)
+    assert not (out / "checkpoints").exists() and (out / "losses.jsonl").is_file()
+    assert result.records["finetune"]["forget_prompts"] == 7
+    assert result.records["finetune"]["retain_prompts"] == 63
+    pipe = load_pipeline(out)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == sum(p.numel() for p in unet.parameters())
+
+
+# ------------------------------------------------------------------------------ multi-process
+
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from safetensors.torch import load_file, save_file
+from toolchain.config import FinetuneConfig
+from toolchain.models.io import load_pipeline, load_unet
+from toolchain.stages.finetune import TrainingData, train
+import json
+pipe_dir, student_dir, data_file, out, cfg_json = sys.argv[1:6]
+pipe = load_pipeline(__import__("pathlib").Path(pipe_dir))
+data = TrainingData(**load_file(data_file))
+cfg = FinetuneConfig(**json.loads(cfg_json))
+student, summary = train(load_unet(__import__("pathlib").Path(student_dir)), pipe.unet, data, cfg,
+                   dict(pipe.scheduler.config), __import__("pathlib").Path(out))
+import torch.distributed as dist
+if not dist.is_initialized() or dist.get_rank() == 0:
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out + "/final.safetensors")
+    open(out + "/summary.json", "w").write(json.dumps(summary))
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one(tiny, tiny_sd_dir, tmp_path):
+    """Two CPU processes (torchrun env vars; Accelerate picks MULTI_CPU with gloo) end with the
+    weights of one process training on the same global batch."""
+    from safetensors.torch import load_file, save_file
+
+    from toolchain.models.io import save_unet
+    from toolchain.pruning.channels import prune_unet_channels
+
+    pipe, student, data, _ = tiny
+    pruned = copy.deepcopy(pipe.unet)
+    save_unet(pruned, tmp_path / "student", prune_unet_channels(pruned, 0.3))  # magnitude: = `student`
+    save_file(data.tensors(), tmp_path / "data.safetensors")
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    cfg = json.dumps({**FAST, "mode": "bilevel", "steps": 4, "upper_every": 2, "prompt_dropout": 0.0})
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path.cwd()),
+        "ACCELERATE_USE_CPU": "1",
+    }  # what `accelerate launch --cpu` sets: MULTI_CPU with gloo
+    finals = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        # accelerate launch --cpu needs mpirun for several processes; torchrun's env:// + gloo does not
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(29400 + n + os.getpid() % 1000),
+        ]
+        cmd += [
+            str(tmp_path / "ddp.py"),
+            str(tiny_sd_dir),
+            str(tmp_path / "student"),
+            str(tmp_path / "data.safetensors"),
+            str(out),
+            cfg,
+        ]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        finals[n] = load_file(out / "final.safetensors")
+        assert json.loads((out / "summary.json").read_text())["processes"] == n
+    _assert_same_training(student.state_dict(), finals[1], finals[2])
+
+
+# ------------------------------------------------------------------------------ digits world
+
+
+def _digits_erasure(prune_ratio: float, samples_per_prompt: int, n_per_prompt: int, with_teacher=True, **settings):
+    """Bilevel ESD erasing 7 from the digits model (channel-pruned by `prune_ratio`); returns the
+    teacher's and the student's ConceptScores on 3 prompts of 7 and 1 prompt per other digit."""
+    import tempfile
+
+    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from toolchain.config import load_concept
+    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
+    from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
+
+    seven = load_concept("7")
+    cfg = FinetuneConfig(mode="bilevel", samples_per_prompt=samples_per_prompt, checkpoint_every=10**6, **settings)
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_data(
+            pipe,
+            retain_prompt_list(cfg, [seven]),
+            [(p, seven.anchor_prompt) for p in seven.erase_prompts],
+            cfg,
+            Path(tmp) / "s.safetensors",
+        )
+        student = copy.deepcopy(pipe.unet)
+        if prune_ratio:
+            prune_unet_channels(student, prune_ratio)
+        student, _ = train(student, pipe.unet, data, cfg, dict(pipe.scheduler.config), Path(tmp))
+    judge = get_judge("digits")
+    erase = {"7": seven.erase_prompts[:3]}
+    retain = {k: v[:1] for k, v in seven.retain_prompts.items()}
+    scores = {}
+    for name, unet in (("teacher", pipe.unet), ("student", student.eval()))[0 if with_teacher else 1 :]:
+        pipe.unet = unet
+        scores[name] = evaluate_concepts(diffusers_generator(pipe), judge, erase, retain, n_per_prompt, seed=1)
+    return scores
+
+
+def test_bilevel_lowers_leakage_of_seven_on_digits_short():
+    """Short variant (unpruned student, 30 steps each with an upper step, 9 retain prompts): loose bars."""
+    from toolchain.config import load_concept
+
+    one_each = [prompts[0] for prompts in load_concept("7").retain_prompts.values()]
+    scores = _digits_erasure(
+        0.0,
+        samples_per_prompt=1,
+        n_per_prompt=4,
+        with_teacher=False,  # the teacher draws every digit (test_digits_world); 7 leaks 100%
+        steps=30,
+        upper_every=1,
+        upper_lr=5e-4,
+        retain_prompts=one_each,
+    )
+    assert scores["student"].leakage["7"] <= 0.5, scores["student"]
+    assert scores["student"].retain_accuracy >= 0.7, scores["student"]
+
+
+@pytest.mark.slow
+def test_bilevel_erases_seven_from_pruned_digits():
+    """The real setting: 30% channel-pruned student, default bilevel settings."""
+    scores = _digits_erasure(0.3, samples_per_prompt=4, n_per_prompt=8, steps=300)
+    assert scores["teacher"].leakage["7"] >= 0.9
+    assert scores["student"].leakage["7"] <= 0.2, scores["student"]
+    assert scores["student"].retain_accuracy >= 0.8, scores["student"]
