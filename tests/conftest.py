@@ -13,6 +13,19 @@ import pytest  # noqa: E402
 ASSETS = Path(__file__).parent / "assets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test models are tiny: they gain nothing from intra-op threads, and on 2 cores shared
+    with other processes OpenMP oversubscription made files 10-30x slower; one thread is as fast
+    alone and immune to that."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     """Hardware markers skip by capability, never by branches in the tests."""
     import sys

@@ -18,16 +18,6 @@ MODEL = ROOT / "toolchain" / "assets" / "digits-sd"
 CONCEPTS = ROOT / "configs" / "concepts"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: at 2 threads on 2 shared cores, OpenMP oversubscription made this
-    file 30x slower when other processes ran; one thread is as fast alone and immune to that."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     from diffusers import StableDiffusionPipeline

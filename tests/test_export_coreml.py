@@ -25,15 +25,6 @@ from toolchain.models.io import load_pipeline
 PACKAGES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core machine they only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_sd_dir):
     return load_pipeline(tiny_sd_dir)

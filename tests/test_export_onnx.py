@@ -21,16 +21,6 @@ TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine torch's intra-op
-    # threads contend: a 4-step tiny generation took 8 s with 2 threads under load, 0.2 s with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_pipeline_from_configs(TINY_SD, tmp_path_factory.mktemp("tiny-sd"), seed=0)

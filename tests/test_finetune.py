@@ -16,8 +16,6 @@ import torch
 
 from toolchain.config import ConfigError, FinetuneConfig, RunConfig
 
-torch.set_num_threads(1)
-
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
 FAST = dict(

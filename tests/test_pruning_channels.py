@@ -24,15 +24,6 @@ TINY_CONFIG = Path(__file__).parent / "assets" / "tiny-sd" / "unet" / "config.js
 PARAM_SHARE = {0.5: (0.20, 0.35), 0.3: (0.35, 0.60)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_unet(kind: str) -> UNet2DConditionModel:
     torch.manual_seed(0)
     if kind == "tiny":

@@ -30,15 +30,6 @@ TINY_CONFIG = Path(__file__).parent / "assets" / "tiny-sd" / "unet" / "config.js
 DIGITS_MODEL = Path(__file__).resolve().parents[1] / "toolchain" / "assets" / "digits-sd"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sd1x_unet(block_out_channels=(32, 64, 64, 64), layers_per_block=2) -> UNet2DConditionModel:
     """SD-1.x block layout at small width (CrossAttnDown x3 + Down, mid, Up + CrossAttnUp x3)."""
     torch.manual_seed(0)

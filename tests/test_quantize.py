@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks.leakage import diffusers_generator
 from benchmarks.runner import ort_generator
@@ -26,15 +25,6 @@ STEPS = 4
 # Pixels in [0, 1]: ORT and PyTorch differ by fp32 summation order only (1e-6 measured over 25
 # steps on the digits model); 1e-4 is far below one 8-bit level (3.9e-3).
 RUNNER_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 shared cores: intra-op threads only contend (see tests/test_export_onnx.py)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
