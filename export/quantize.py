@@ -24,6 +24,7 @@ shape inference fails on the exported UNet's attention reshapes; ONNX shape infe
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -49,6 +50,31 @@ INT8_PSNR_FLOOR_DB = 20.0
 PARITY_BATCH = 2
 
 
+class _DropRootWarnings(logging.Filter):
+    def filter(self, record):
+        message = record.getMessage()
+        return not (
+            message.startswith("Inference failed or unsupported type") or " is out-of-range for weight " in message
+        )
+
+
+def _quiet_quantizer_warnings(fn):
+    """ORT's quantizer logs one root-logger warning per integer shape tensor it (rightly) skips;
+    on a UNet that is hundreds of lines saying nothing about the result."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        quiet = _DropRootWarnings()
+        logging.getLogger().addFilter(quiet)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            logging.getLogger().removeFilter(quiet)
+
+    return wrapper
+
+
+@_quiet_quantizer_warnings
 def quantize_onnx_folder(
     src_dir: Path,
     out_dir: Path,
@@ -112,45 +138,6 @@ def quantize_onnx_folder(
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the source folder; quantization never modifies its input")
 
-    # ORT's quantizer logs one root-logger warning per integer shape tensor it (rightly) skips;
-    # on a UNet that is hundreds of lines saying nothing about the result.
-    quiet = _DropRootWarnings()
-    logging.getLogger().addFilter(quiet)
-    try:
-        return _quantize(
-            src_dir,
-            out_dir,
-            mode,
-            components,
-            per_channel,
-            op_types,
-            weight_type,
-            quant_format,
-            calibration,
-            nodes_to_exclude,
-            psnr_floor_db,
-            parity_inputs,
-            progress,
-        )
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
-def _quantize(
-    src_dir,
-    out_dir,
-    mode,
-    components,
-    per_channel,
-    op_types,
-    weight_type,
-    quant_format,
-    calibration,
-    nodes_to_exclude,
-    psnr_floor_db,
-    parity_inputs,
-    progress,
-) -> dict:
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
     from tqdm.auto import tqdm
 
@@ -327,14 +314,6 @@ def collect_unet_calibration(
         raise RuntimeError("the ONNX pipeline ran no UNet step; pass at least one prompt and steps >= 1")
     picks = np.unique(np.linspace(0, len(recorded) - 1, num=min(n, len(recorded))).round().astype(int))
     return [recorded[i] for i in picks]
-
-
-class _DropRootWarnings(logging.Filter):
-    def filter(self, record):
-        message = record.getMessage()
-        return not (
-            message.startswith("Inference failed or unsupported type") or " is out-of-range for weight " in message
-        )
 
 
 def _size(path: Path) -> int:

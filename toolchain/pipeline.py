@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -53,72 +54,25 @@ class Stage:
     name: str
     version: int  # bump when the stage's output changes for the same input and config
     section: Callable[[RunConfig], Any]  # the typed config section the stage receives
-    run: Callable[[art.Artifact, Any, RunContext], art.Artifact]
     # settings outside the section that also determine the output (hashed into the fingerprint)
     extra: Callable[[RunConfig], dict[str, Any]] = lambda cfg: {}
 
-
-def _prune(source, cfg, ctx):
-    from toolchain.stages import prune
-
-    return prune.run(source, cfg, ctx)
-
-
-def _finetune(source, cfg, ctx):
-    from toolchain.stages import finetune
-
-    return finetune.run(source, cfg, ctx)
-
-
-def _concept_prune(source, cfg, ctx):
-    from toolchain.stages import concept_prune
-
-    return concept_prune.run(source, cfg, ctx)
-
-
-def _export(source, cfg, ctx):
-    from toolchain.stages import export
-
-    return export.run(source, cfg, ctx)
-
-
-def _quantize(source, cfg, ctx):
-    from toolchain.stages import quantize
-
-    return quantize.run(source, cfg, ctx)
-
-
-def _ort(source, cfg, ctx):
-    from toolchain.stages import ort
-
-    return ort.run(source, cfg, ctx)
-
-
-def _coreml(source, cfg, ctx):
-    from toolchain.stages import coreml
-
-    return coreml.run(source, cfg, ctx)
-
-
-def _benchmark(source, cfg, ctx):
-    from toolchain.stages import benchmark
-
-    return benchmark.run(source, cfg, ctx)
+    def run(self, source: art.Artifact, cfg: Any, ctx: RunContext) -> art.Artifact:
+        """`toolchain.stages.<name>.run`, imported only when the stage runs (heavy libraries)."""
+        return importlib.import_module(f"toolchain.stages.{self.name}").run(source, cfg, ctx)
 
 
 STAGES = {
-    "prune": Stage("prune", 1, lambda c: c.prune, _prune),
+    "prune": Stage("prune", 1, lambda c: c.prune),
     "finetune": Stage(
-        "finetune", 1, lambda c: resolve_finetune(c.finetune, c.erase), _finetune, extra=lambda c: {"erase": c.erase}
+        "finetune", 1, lambda c: resolve_finetune(c.finetune, c.erase), extra=lambda c: {"erase": c.erase}
     ),
-    "concept_prune": Stage(
-        "concept_prune", 1, lambda c: c.concept_prune, _concept_prune, extra=lambda c: {"erase": c.erase}
-    ),
-    "export": Stage("export", 1, lambda c: c.export, _export),
-    "quantize": Stage("quantize", 1, lambda c: c.quantize, _quantize, extra=lambda c: {"erase": c.erase}),
-    "ort": Stage("ort", 1, lambda c: c.export.ort_optimization, _ort),
-    "coreml": Stage("coreml", 1, lambda c: c.coreml, _coreml),
-    "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, _benchmark, extra=lambda c: {"erase": c.erase}),
+    "concept_prune": Stage("concept_prune", 1, lambda c: c.concept_prune, extra=lambda c: {"erase": c.erase}),
+    "export": Stage("export", 1, lambda c: c.export),
+    "quantize": Stage("quantize", 1, lambda c: c.quantize, extra=lambda c: {"erase": c.erase}),
+    "ort": Stage("ort", 1, lambda c: c.export.ort_optimization),
+    "coreml": Stage("coreml", 1, lambda c: c.coreml),
+    "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, extra=lambda c: {"erase": c.erase}),
 }
 
 
