@@ -15,6 +15,21 @@ from pathlib import Path
 import numpy as np
 
 
+def machine_info() -> dict[str, object]:
+    """What latency depends on, so a gate compares latencies only between like machines."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system()}
+
+
 def time_callable(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
     """Median and p90 wall time of `fn()` in ms after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -133,6 +148,10 @@ class OrtPipeline:
     Initial latents come from one CPU torch.Generator seeded with `seed`, in prompt order, as
     in `benchmarks.leakage.diffusers_generator`, so the images are comparable with PyTorch's.
     `load_ms`: session creation of all three components (tokenizer and scheduler excluded).
+
+    A folder with a k-step generator schedule (`onestep.json`, finetune.mode=sfd) is sampled as
+    that generator: the UNet once per step at batch N, no guidance (`self.schedule`; `steps`
+    and `guidance_scale` are then ignored).
     """
 
     def __init__(self, folder: Path, files: dict[str, str], providers: list[str] | None = None, threads: int = 0):
@@ -156,6 +175,9 @@ class OrtPipeline:
         size = unet["sample_size"]
         self.latent_shape = (unet["in_channels"], *((size, size) if isinstance(size, int) else size))
         self.scaling_factor = float(_read_config(folder, "vae_decoder").get("scaling_factor", 0.18215))
+        from toolchain.onestep import read_schedule
+
+        self.schedule = read_schedule(folder)
 
     def _encode(self, prompts: list[str]) -> np.ndarray:
         ids = self.tokenizer(
@@ -165,9 +187,12 @@ class OrtPipeline:
         return session.run(None, ort_feed(session, {"input_ids": ids}))[0]  # last_hidden_state (N, L, D)
 
     def __call__(self, prompts: list[str], seed: int, steps: int = 25, guidance_scale: float = 5.0) -> np.ndarray:
-        """Images (N, H, W, 3) in [0, 1], one per prompt; the UNet runs at batch 2N."""
+        """Images (N, H, W, 3) in [0, 1], one per prompt; the UNet runs at batch 2N (batch N,
+        once per generator step, for a k-step generator)."""
         import torch
 
+        if self.schedule is not None:
+            return self._generator_images(prompts, seed)
         n = len(prompts)
         embeddings = np.concatenate([self._encode([""] * n), self._encode(prompts)])  # uncond first, as diffusers
         latents = torch.randn((n, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
@@ -189,6 +214,31 @@ class OrtPipeline:
             latents = self.scheduler.step(noise_pred, t, latents).prev_sample
         vae = self.sessions["vae_decoder"]
         image = vae.run(None, ort_feed(vae, {"latent_sample": (latents / self.scaling_factor).numpy()}))[0]
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    def _generator_images(self, prompts: list[str], seed: int) -> np.ndarray:
+        """The k-step generator (`toolchain.onestep.generator_sample`) with the UNet in ORT."""
+        import torch
+
+        from toolchain.onestep import generator_noise, generator_sample
+
+        timesteps = self.schedule["timesteps"]
+        kind = self.schedule.get("prediction_type", self.scheduler.config.prediction_type)
+        z, noises = generator_noise(len(prompts), self.latent_shape, len(timesteps), seed)
+        unet = self.sessions["unet"]
+
+        def call(x_t, t, emb):
+            n = len(x_t)
+            feed = {
+                "sample": x_t.numpy(),
+                "timestep": np.full((n,), float(t), np.float32),
+                "encoder_hidden_states": emb,
+            }
+            return torch.from_numpy(np.asarray(unet.run(None, ort_feed(unet, feed))[0], dtype=np.float32))
+
+        x0 = generator_sample(call, z, noises, self._encode(prompts), timesteps, self.scheduler.alphas_cumprod, kind)
+        vae = self.sessions["vae_decoder"]
+        image = vae.run(None, ort_feed(vae, {"latent_sample": (x0 / self.scaling_factor).numpy()}))[0]
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
 
 

@@ -36,18 +36,17 @@ class Judge(Protocol):
     def classify(self, images: np.ndarray) -> Any:  # -> object with .labels (N,) and .probs (N, K)
         ...
 
-    def features(self, images: np.ndarray) -> np.ndarray:  # (N, D) for judge-feature FID
-        ...
+    # optional: features(images) -> (N, D) for judge-feature FID (NudeNet has none: no FID)
 
 
-_JUDGES: dict[str, Callable[[], Judge]] = {}
-_LOADED: dict[str, Judge] = {}
+_JUDGES: dict[str, Callable[..., Judge]] = {}
+_LOADED: dict[tuple[str, str], Judge] = {}
 
 
 def register_judge(name: str):
-    """Decorator registering a zero-argument judge factory under `name`."""
+    """Decorator registering a judge factory (keyword options only) under `name`."""
 
-    def decorate(factory: Callable[[], Judge]) -> Callable[[], Judge]:
+    def decorate(factory: Callable[..., Judge]) -> Callable[..., Judge]:
         if name in _JUDGES:
             raise ValueError(f"judge {name!r} is already registered")
         _JUDGES[name] = factory
@@ -60,20 +59,36 @@ def judge_names() -> list[str]:
     return sorted(_JUDGES)
 
 
-def get_judge(name: str) -> Judge:
-    """The judge registered as `name`, built once per process."""
+def get_judge(name: str, **options) -> Judge:
+    """The judge registered as `name`, built once per process and set of options (the clip judge
+    takes `classes`, `model` and `template`; the others take none)."""
     if name not in _JUDGES:
         raise KeyError(f"unknown judge {name!r}; registered judges: {', '.join(judge_names())}")
-    if name not in _LOADED:
-        _LOADED[name] = _JUDGES[name]()
-    return _LOADED[name]
+    key = (name, repr(sorted(options.items())))
+    if key not in _LOADED:
+        _LOADED[key] = _JUDGES[name](**options)
+    return _LOADED[key]
 
 
 @register_judge("digits")
-def _digits_judge() -> Judge:
+def _digits_judge(**_) -> Judge:
     from benchmarks.testbed.judge import load_judge
 
     return load_judge()
+
+
+@register_judge("nudenet")
+def _nudenet_judge(**options) -> Judge:
+    from benchmarks.judges import load_nudenet
+
+    return load_nudenet(**options)
+
+
+@register_judge("clip")
+def _clip_judge(**options) -> Judge:
+    from benchmarks.judges import load_clip
+
+    return load_clip(**options)
 
 
 # --------------------------------------------------------------------------- generators
@@ -86,11 +101,16 @@ def diffusers_generator(
     batch_size: int = 64,
     height: int | None = None,
     width: int | None = None,
+    schedule: dict | None | str = "auto",
 ) -> Generator:
     """Wrap a diffusers text-to-image pipeline as a `Generator`.
 
     All initial latents of a call come from one CPU torch.Generator seeded with `seed`, in prompt
     order, so image i depends only on (seed, i, prompt) and not on `batch_size`.
+
+    schedule: a k-step generator's schedule (`toolchain.onestep`, finetune.mode=sfd): the UNet runs
+    once per step without guidance and `steps` / `guidance_scale` are ignored. "auto" reads it from
+    the folder the pipeline was loaded from (its `onestep.json`); None samples as a diffusion model.
     """
     import torch
 
@@ -98,6 +118,12 @@ def diffusers_generator(
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     h = height or pipe.unet.config.sample_size * vae_scale
     w = width or pipe.unet.config.sample_size * vae_scale
+    if schedule == "auto":
+        from toolchain.onestep import read_schedule
+
+        schedule = read_schedule(getattr(pipe, "name_or_path", None))
+    if schedule is not None:
+        return _generator_sampler(pipe, schedule, batch_size, h // vae_scale, w // vae_scale)
 
     def generate(prompts: list[str], seed: int) -> np.ndarray:
         shape = (len(prompts), pipe.unet.config.in_channels, h // vae_scale, w // vae_scale)
@@ -117,6 +143,50 @@ def diffusers_generator(
                 ).images
                 out.append(np.asarray(images, dtype=np.float32))
         return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.float32)
+
+    return generate
+
+
+def _generator_sampler(pipe, schedule: dict, batch_size: int, latent_h: int, latent_w: int) -> Generator:
+    """`diffusers_generator` for a k-step generator: x0 = G at each of schedule["timesteps"]
+    (`toolchain.onestep.generator_sample`), decoded by the VAE; noise as `generator_noise` draws it."""
+    import torch
+
+    from toolchain.onestep import generator_noise, generator_sample
+
+    timesteps = schedule["timesteps"]
+    prediction_type = schedule.get("prediction_type", pipe.scheduler.config.prediction_type)
+    alphas = pipe.scheduler.alphas_cumprod
+    unet, vae, device = pipe.unet, pipe.vae, pipe.device
+
+    def call(x_t, t, emb):
+        return unet(x_t.to(device, unet.dtype), torch.full((len(x_t),), t, device=device), encoder_hidden_states=emb)[0]
+
+    def generate(prompts: list[str], seed: int) -> np.ndarray:
+        shape = (unet.config.in_channels, latent_h, latent_w)
+        z, noises = generator_noise(len(prompts), shape, len(timesteps), seed)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                emb = pipe.encode_prompt(batch, device, 1, do_classifier_free_guidance=False)[0]
+                stop = start + len(batch)
+                x0 = generator_sample(
+                    call,
+                    z[start:stop].to(device),
+                    noises[:, start:stop].to(device),
+                    emb,
+                    timesteps,
+                    alphas,
+                    prediction_type,
+                )
+                image = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+                out.append((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+        size = (
+            latent_h * 2 ** (len(vae.config.block_out_channels) - 1),
+            latent_w * 2 ** (len(vae.config.block_out_channels) - 1),
+        )
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, *size, 3), np.float32)
 
     return generate
 
@@ -189,7 +259,7 @@ def evaluate_concepts(
     fid = None
     if real_images is None and hasattr(judge, "reference_images") and retained.any():
         real_images = judge.reference_images([str(lab) for lab in retain], size=images.shape[1])
-    if real_images is not None and retained.sum() >= 2 and len(real_images) >= 2:
+    if real_images is not None and hasattr(judge, "features") and retained.sum() >= 2 and len(real_images) >= 2:
         from benchmarks.quality import judge_fid
 
         fid = judge_fid(images[retained], real_images, judge)

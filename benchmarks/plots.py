@@ -15,6 +15,7 @@ import numpy as np
 LATENCY_PNG = "latency.png"
 QUALITY_PNG = "quality.png"
 SAMPLES_PNG = "samples.png"
+ATTACK_PNG = "attack.png"
 
 
 def _pyplot():
@@ -59,6 +60,10 @@ def quality_plot(stages: list[dict[str, Any]], path: Path) -> Path:
     judged = [s for s in stages if s.get("retain_accuracy") is not None]
     labels = sorted({k for s in judged for k in (s.get("leakage") or {})})
     series = [(f"leakage {k}", [(s.get("leakage") or {}).get(k, np.nan) for s in judged]) for k in labels]
+    for k in labels:
+        held = [((s.get("attack") or {}).get(k) or {}).get("heldout_leakage", np.nan) for s in judged]
+        if not np.isnan(held).all():
+            series.append((f"leakage {k}, held-out phrasings", held))
     series.append(("retain accuracy", [s["retain_accuracy"] for s in judged]))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(judged) + 2), 3.5))
@@ -101,6 +106,38 @@ def sample_grid(samples: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return path
 
 
+def attack_plot(stages: list[dict[str, Any]], path: Path) -> Path:
+    """Per stage and erased concept: plain leakage beside the prefix-attack and concept-inversion
+    success (transferred prompts on exported stages); the stage an attack ran on is in the label."""
+    plt = _pyplot()
+    attacked = [s for s in stages if any("prompt_attack" in a for a in (s.get("attack") or {}).values())]
+    labels = sorted({k for s in attacked for k, a in s["attack"].items() if "prompt_attack" in a})
+    series = []
+    for k in labels:
+        series.append((f"leakage {k}", [(s.get("leakage") or {}).get(k, np.nan) for s in attacked]))
+        for key, name in (("prompt_attack", "prefix attack"), ("embedding_attack", "concept inversion")):
+            values = [(s["attack"].get(k) or {}).get(key) for s in attacked]
+            series.append((f"{name} {k}", [np.nan if v is None else v for v in values]))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(attacked) + 2), 3.5))
+    x = np.arange(len(attacked))
+    for i, (name, values) in enumerate(series):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    names = []
+    for s in attacked:
+        on = {(a or {}).get("attacked_on") for a in s["attack"].values()} - {None, s["name"]}
+        names.append(s["name"] + (f"\n(prompts from {', '.join(sorted(on))})" if on else ""))
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of images judged as the concept")
+    ax.set_title("Leakage and attack success per stage (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_plots(report: dict[str, Any], samples: dict[str, list[dict[str, Any]]], folder: Path) -> list[str]:
     """Every plot the report has data for, into `folder`; returns the file names written."""
     written = []
@@ -108,6 +145,8 @@ def write_plots(report: dict[str, Any], samples: dict[str, list[dict[str, Any]]]
         written.append(latency_plot(report["latency"], folder / LATENCY_PNG).name)
     if any(s.get("retain_accuracy") is not None for s in report.get("stages", [])):
         written.append(quality_plot(report["stages"], folder / QUALITY_PNG).name)
+    if any("prompt_attack" in a for s in report.get("stages", []) for a in (s.get("attack") or {}).values()):
+        written.append(attack_plot(report["stages"], folder / ATTACK_PNG).name)
     if samples:
         written.append(sample_grid(samples, folder / SAMPLES_PNG).name)
     return written

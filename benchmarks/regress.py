@@ -9,6 +9,9 @@ leakage per erased concept (+points), retain accuracy (-points), judge FID (+abs
 (+percent) and export parity (max_abs_err against the row's own tolerance). A metric the
 baseline has and the report lacks is listed as "missing" but does not fail: targets and profiles
 differ between runs; a gate that needs it should run the same command as the baseline.
+Latency is compared only when both reports come from the same machine (CPU model and core count
+in `report["machine"]`); on another machine its rows say "other machine" and do not fail, since a
+ratio to another computer's speed measures the computer, not the change.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class Tolerances:
 
     latency_ratio: float = 1.5  # current median_ms <= baseline x this
     memory_ratio: float = 1.5  # current peak_rss_bytes <= baseline x this
-    leakage_points: float = 2.0  # leakage (percent points) <= baseline + this
+    leakage_points: float = 2.0  # leakage and attack success (percent points) <= baseline + this
     retain_points: float = 3.0  # retain accuracy (percent points) >= baseline - this
     fid_increase: float = 0.25  # judge FID <= baseline + this (absolute)
     size_percent: float = 5.0  # size_bytes <= baseline x (1 + this / 100)
@@ -57,7 +60,7 @@ class Regression:
     baseline: float | None
     current: float | None
     limit: float | None
-    verdict: str  # "ok", "REGRESSION", "missing"
+    verdict: str  # "ok", "REGRESSION", "missing", "other machine"
 
     @property
     def failed(self) -> bool:
@@ -94,6 +97,11 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
         for label, b in (base.get("leakage") or {}).items():
             c = (now.get("leakage") or {}).get(label)
             rows.append(_check(f"leakage {name}/{label}", b, c, b + tol.leakage_points / 100, True))
+        for label, attacks in (base.get("attack") or {}).items():
+            for kind, b in attacks.items():  # heldout_leakage, prompt_attack, ...: shares like leakage
+                c = ((now.get("attack") or {}).get(label) or {}).get(kind)
+                if isinstance(b, float | int) and not isinstance(b, bool):
+                    rows.append(_check(f"{kind} {name}/{label}", b, c, b + tol.leakage_points / 100, True))
         if base.get("retain_accuracy") is not None:
             b = base["retain_accuracy"]
             rows.append(
@@ -101,6 +109,7 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
             )
         if base.get("fid") is not None:
             rows.append(_check(f"fid {name}", base["fid"], now.get("fid"), base["fid"] + tol.fid_increase, True))
+    same_machine = report.get("machine") == baseline.get("machine")
     for section, keys, field, ratio in (
         ("latency", _LATENCY_KEY, "median_ms", tol.latency_ratio),
         ("memory", _MEMORY_KEY, "peak_rss_bytes", tol.memory_ratio),
@@ -109,7 +118,11 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
         for base in baseline.get(section, []):
             key = _key(base, keys)
             b, c = base.get(field), current.get(key, {}).get(field)
-            if b is not None:
+            if b is None:
+                continue
+            if section == "latency" and not same_machine:
+                rows.append(Regression(f"{section} {key}", b, c, None, "other machine"))
+            else:
                 rows.append(_check(f"{section} {key}", b, c, b * ratio, True))
     current = {_key(r, _PARITY_KEY): r for r in report.get("parity", [])}
     for base in baseline.get("parity", []):

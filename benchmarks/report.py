@@ -56,9 +56,35 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     plots = set(report.get("plots", []))
     lines += ["## Stages", ""]
+    stage_rows = [
+        {
+            **s,
+            **{
+                key: {k: a.get(key) for k, a in (s.get("attack") or {}).items()}
+                for key in ("heldout_leakage", "prompt_attack", "embedding_attack")
+            },
+        }
+        for s in report.get("stages", [])
+    ]
+    attacked = any("prompt_attack" in a for s in report.get("stages", []) for a in (s.get("attack") or {}).values())
     lines += _table(
-        report.get("stages", []), ["name", "params", "size_bytes", "leakage", "retain_accuracy", "fid", "wall_s"]
+        stage_rows,
+        ["name", "params", "size_bytes", "leakage", "heldout_leakage"]
+        + (["prompt_attack", "embedding_attack"] if attacked else [])
+        + ["retain_accuracy", "fid", "wall_s"],
     )
+    if attacked:
+        lines += [
+            "prompt_attack / embedding_attack: share of images judged as the erased concept under the white-box "
+            "prefix-prompt attack / concept inversion; exported stages run the prompts found on the last PyTorch "
+            "stage (report.json `attack.<label>.attacked_on`).",
+            "",
+        ]
+    judge = report.get("judge")
+    if judge:
+        details = ", ".join(f"{k} {v}" for k, v in judge.items() if k != "judge")
+        lines += [f"Judge: **{judge.get('judge')}**" + (f" ({details})" if details else ""), ""]
+        lines += ["heldout_leakage: leakage on the concept's held-out phrasings, which no training step used.", ""]
     if report.get("per_label_accuracy"):
         lines += ["## Judge accuracy per label", ""]
         rows = [{"stage": s, **acc} for s, acc in report["per_label_accuracy"].items()]

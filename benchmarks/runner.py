@@ -37,6 +37,9 @@ def ort_generator(
     threads per session (0 = ORT's default). batch_size: images per UNet call group (the UNet sees
     2x that). unet_hook(feed) is called with every UNet feed before it runs (calibration capture).
     Graph input dtypes are read from the sessions, so fp16-io and int8 folders run unchanged.
+    A folder with a k-step generator schedule (`onestep.json`, finetune.mode=sfd) is sampled as
+    that generator (`toolchain.onestep.generator_sample`: the UNet once per step at batch N, no
+    guidance); `steps` and `guidance_scale` are then ignored.
     """
     import onnxruntime as ort
     import torch
@@ -68,6 +71,9 @@ def ort_generator(
         for name, session in sessions.items()
     }
     scalar_timestep = len(next(i for i in sessions["unet"].get_inputs() if i.name == "timestep").shape) == 0
+    from toolchain.onestep import generator_noise, generator_sample, read_schedule
+
+    schedule = read_schedule(onnx_dir)
 
     def encode(prompts: list[str]) -> np.ndarray:
         ids = tokenizer(
@@ -100,8 +106,37 @@ def ort_generator(
         image = np.asarray(sessions["vae_decoder"].run(None, feed)[0], dtype=np.float32)
         return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
+    def unet_call(x_t: torch.Tensor, t: int, hidden: np.ndarray) -> torch.Tensor:
+        unet_types = dtypes["unet"]
+        timestep = np.array(float(t), dtype=unet_types["timestep"])
+        feed = {
+            "sample": x_t.numpy().astype(unet_types["sample"]),
+            "timestep": timestep if scalar_timestep else np.full((len(x_t),), timestep, unet_types["timestep"]),
+            "encoder_hidden_states": hidden.astype(unet_types["encoder_hidden_states"]),
+        }
+        if unet_hook is not None:
+            unet_hook(feed)
+        return torch.from_numpy(np.asarray(sessions["unet"].run(None, feed)[0], dtype=np.float32))
+
+    def draw_generator(prompts: list[str], z: torch.Tensor, noises: torch.Tensor) -> np.ndarray:
+        kind = schedule.get("prediction_type", scheduler.config.prediction_type)
+        x0 = generator_sample(
+            unet_call, z, noises, encode(list(prompts)), schedule["timesteps"], scheduler.alphas_cumprod, kind
+        )
+        feed = {"latent_sample": (x0.numpy() / scaling_factor).astype(dtypes["vae_decoder"]["latent_sample"])}
+        image = np.asarray(sessions["vae_decoder"].run(None, feed)[0], dtype=np.float32)
+        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
     def generate(prompts: list[str], seed: int) -> np.ndarray:
         shape = (len(prompts), latent_channels, *latent_hw)
+        if schedule is not None and prompts:
+            z, noises = generator_noise(len(prompts), shape[1:], len(schedule["timesteps"]), seed)
+            return np.concatenate(
+                [
+                    draw_generator(prompts[i : i + batch_size], z[i : i + batch_size], noises[:, i : i + batch_size])
+                    for i in range(0, len(prompts), batch_size)
+                ]
+            ).astype(np.float32)
         latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32).numpy()
         out = [
             draw(prompts[start : start + batch_size], latents[start : start + batch_size])

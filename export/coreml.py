@@ -52,6 +52,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,21 @@ import torch
 from export.validate import PSNR_CEILING_DB, ParityError, psnr
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _phase(component: str, phase: str, phases_s: dict[str, float]):
+    """Log the start and end of one export phase and record its seconds in `phases_s`.
+
+    An SD-1.5 UNet spends minutes in a phase with no output of its own; these lines are the
+    progress display. `extra` names the phase for callers that attribute time or memory to it
+    (benchmarks/export_sd15.py)."""
+    logger.info("%s: %s ...", component, phase, extra={"phase": phase})
+    start = time.perf_counter()
+    yield
+    phases_s[phase] = round(time.perf_counter() - start, 3)
+    logger.info("%s: %s done in %.1f s", component, phase, phases_s[phase], extra={"phase_done": phase})
+
 
 VALID_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -232,8 +248,9 @@ def _vae_decoder_inputs(pipe, rng) -> dict[str, np.ndarray]:
     return {"z": rng.standard_normal((1, pipe.vae.config.latent_channels, size, size), dtype=np.float32)}
 
 
-def _convert(ct, module, inputs, output_names, precision, target):
-    """Trace `module` on `inputs` and convert it to an ML program with fixed input shapes."""
+def _convert(ct, module, inputs, output_names, precision, target, component, phases_s):
+    """Trace `module` on `inputs` and convert it to an ML program with fixed input shapes.
+    Seconds of "trace" and "convert" go to `phases_s`."""
     example = tuple(torch.from_numpy(v) for v in inputs.values())
     module.eval()  # the caller's module gets its mode back in export_coreml
     with warnings.catch_warnings(), torch.no_grad():
@@ -241,31 +258,36 @@ def _convert(ct, module, inputs, output_names, precision, target):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # coremltools 9 converts TorchScript; torch's notice that jit.trace is deprecated says nothing here.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=DeprecationWarning)
-        traced = torch.jit.trace(module, example, check_trace=False)
-        mlmodel = ct.convert(
-            traced,
-            inputs=[ct.TensorType(name=name, shape=value.shape, dtype=np.float32) for name, value in inputs.items()],
-            outputs=[ct.TensorType(name=name, dtype=np.float32) for name in output_names],
-            convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-            minimum_deployment_target=getattr(ct.target, target),
-        )
+        with _phase(component, "trace", phases_s):
+            traced = torch.jit.trace(module, example, check_trace=False)
+        # coremltools shows its own progress bars for the frontend and each pass pipeline
+        with _phase(component, "convert", phases_s):
+            mlmodel = ct.convert(
+                traced,
+                inputs=[
+                    ct.TensorType(name=name, shape=value.shape, dtype=np.float32) for name, value in inputs.items()
+                ],
+                outputs=[ct.TensorType(name=name, dtype=np.float32) for name in output_names],
+                convert_to="mlprogram",
+                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                minimum_deployment_target=getattr(ct.target, target),
+            )
     del traced
     return mlmodel
 
 
-def convert_text_encoder(ct, pipe, inputs, precision, target):
-    return _convert(
-        ct, TextEncoderForCoreML(pipe.text_encoder), inputs, ["last_hidden_state", "pooled_outputs"], precision, target
-    )
+def convert_text_encoder(ct, pipe, inputs, precision, target, phases_s):
+    module = TextEncoderForCoreML(pipe.text_encoder)
+    outputs = ["last_hidden_state", "pooled_outputs"]
+    return _convert(ct, module, inputs, outputs, precision, target, "text_encoder", phases_s)
 
 
-def convert_unet(ct, pipe, inputs, precision, target):
-    return _convert(ct, UNetForCoreML(pipe.unet), inputs, ["noise_pred"], precision, target)
+def convert_unet(ct, pipe, inputs, precision, target, phases_s):
+    return _convert(ct, UNetForCoreML(pipe.unet), inputs, ["noise_pred"], precision, target, "unet", phases_s)
 
 
-def convert_vae_decoder(ct, pipe, inputs, precision, target):
-    return _convert(ct, VaeDecoderForCoreML(pipe.vae), inputs, ["image"], precision, target)
+def convert_vae_decoder(ct, pipe, inputs, precision, target, phases_s):
+    return _convert(ct, VaeDecoderForCoreML(pipe.vae), inputs, ["image"], precision, target, "vae_decoder", phases_s)
 
 
 CONVERTERS = {
@@ -385,7 +407,8 @@ def export_coreml(
 
         {"files": {"unet": {"path": "Unet.mlpackage", "size_bytes": 1804372,
                             "weights_bytes": 1603000, "uncompressed_weights_bytes": 1603000,
-                            "export_s": 8.0}, ...,
+                            "export_s": 8.0, "phases_s": {"reference": 0.4, "trace": 1.2,
+                            "convert": 6.1, "save": 0.2, "check": 0.1}}, ...,
                    "vocab": {"path": "vocab.json", ...}, "merges": {"path": "merges.txt", ...}},
          "spec": {"unet": {"inputs": {"sample": {"shape": [2, 4, 64, 64], "dtype": "float32"}, ...},
                            "outputs": {"noise_pred": {...}}, "ops": {"constexpr_lut_to_dense": 47, ...},
@@ -396,7 +419,10 @@ def export_coreml(
          "attention": "original", "minimum_deployment_target": "iOS17",
          "decoder_scale_factor": 0.18215}
 
-    Paths are relative to `out_dir`. Raises ValueError on bad arguments before anything is written.
+    Paths are relative to `out_dir`. `phases_s`: seconds per phase ("compress" only when asked);
+    each phase is logged as it starts and ends, the progress display inside a long component
+    (an SD-1.5 UNet converts for minutes; coremltools adds its own bars for the convert phase).
+    Raises ValueError on bad arguments before anything is written.
     """
     components = (components,) if isinstance(components, str) else tuple(components)
     compress_components = (compress_components,) if isinstance(compress_components, str) else tuple(compress_components)
@@ -427,6 +453,9 @@ def export_coreml(
     out_dir = Path(out_dir)
     (out_dir / "reference").mkdir(parents=True, exist_ok=True)
     vocab, merges = pipe.tokenizer.save_vocabulary(str(out_dir))
+    from export.onnx import copy_generator_schedule
+
+    generator_schedule = copy_generator_schedule(pipe, out_dir)  # a k-step generator's onestep.json
     if Path(vocab).name != "vocab.json" or Path(merges).name != "merges.txt":
         raise CoreMLCheckError(f"the tokenizer wrote {vocab}, {merges}; the Swift package needs vocab.json, merges.txt")
 
@@ -438,6 +467,7 @@ def export_coreml(
         "spec": {},
         "parity": [],
         "compression": compression,
+        "generator_schedule": generator_schedule,
         "compressed_components": [c for c in components if c in compress_components and compression != "none"],
         "precision": compute_precision,
         "attention": attention,
@@ -456,14 +486,15 @@ def export_coreml(
         was_training = torch_module.training
         saved_processors = pipe.unet.attn_processors if name == "unet" and attention == "split_einsum" else None
         start = time.perf_counter()
+        phases_s: dict[str, float] = {}
         torch_module.eval()
         try:
             if saved_processors is not None:
                 pipe.unet.set_attn_processor(SplitEinsumAttnProcessor())
-            with torch.no_grad():
+            with torch.no_grad(), _phase(name, "reference", phases_s):
                 torch_out = wrapper(torch_module)(*(torch.from_numpy(v) for v in inputs.values()))
             torch_out = (torch_out,) if isinstance(torch_out, torch.Tensor) else torch_out
-            mlmodel = convert(ct, pipe, inputs, compute_precision, minimum_deployment_target)
+            mlmodel = convert(ct, pipe, inputs, compute_precision, minimum_deployment_target, phases_s)
         finally:
             if saved_processors is not None:
                 pipe.unet.set_attn_processor(saved_processors)
@@ -477,18 +508,21 @@ def export_coreml(
         )
 
         shutil.rmtree(package, ignore_errors=True)
-        mlmodel.save(str(package))
+        with _phase(name, "save", phases_s):
+            mlmodel.save(str(package))
         uncompressed_weights = _weights_bytes(package)
         compressed = compression != "none" and name in compress_components
         checks = [(mlmodel, False)]
         if compressed:
-            compressed_model = _compress(ct, mlmodel, compression)
-            shutil.rmtree(package)
-            compressed_model.save(str(package))
+            with _phase(name, "compress", phases_s):
+                compressed_model = _compress(ct, mlmodel, compression)
+                shutil.rmtree(package)
+                compressed_model.save(str(package))
             checks.append((compressed_model, True))
         export_s = time.perf_counter() - start
 
-        spec = inspect_package(package)
+        with _phase(name, "check", phases_s):
+            spec = inspect_package(package)
         expected_version = next(v for v, t in SPEC_VERSIONS.items() if t == minimum_deployment_target)
         problems = []
         if spec["model_type"] != "mlProgram":
@@ -518,6 +552,7 @@ def export_coreml(
             "weights_bytes": weights,
             "uncompressed_weights_bytes": uncompressed_weights,
             "export_s": round(export_s, 3),
+            "phases_s": phases_s,  # reference, trace, convert, save, compress (when asked), check
         }
         logger.info(
             "%s: converted in %.1f s, weights %d B (uncompressed %d B)",

@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ import torch
 from export.validate import ParityError, onnx_parity
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _phase(component: str, phase: str, phases_s: dict[str, float]):
+    """Log the start and end of one export phase and record its seconds in `phases_s`.
+
+    An SD-1.5 UNet spends minutes in a phase with no output of its own; these lines are the
+    progress display. `extra` names the phase for callers that attribute time or memory to it
+    (benchmarks/export_sd15.py)."""
+    logger.info("%s: %s ...", component, phase, extra={"phase": phase})
+    start = time.perf_counter()
+    yield
+    phases_s[phase] = round(time.perf_counter() - start, 3)
+    logger.info("%s: %s done in %.1f s", component, phase, phases_s[phase], extra={"phase_done": phase})
+
 
 VALID_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -62,6 +78,9 @@ PSNR_FLOOR_DB = 35.0
 # protobuf refuses messages of 2 GiB and more; leave 128 MiB for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 EXTERNAL_DATA_NAME = "model.onnx_data"
+# A k-step generator's sampling schedule (toolchain.onestep.SCHEDULE_FILE, finetune.mode=sfd): it
+# travels with the UNet so every runner samples the exported model as the generator it is.
+GENERATOR_SCHEDULE = "onestep.json"
 # Traced at batch 2 (one guided image: what every SD runtime feeds the UNet) and checked at
 # batch 3, which proves the batch axis really is dynamic. Not batch 1: a channel-pruned UNet can
 # keep one channel per GroupNorm group at its 1x1 innermost resolution, where torch refuses a
@@ -225,10 +244,13 @@ def _write_onnx(
     opset: int,
     component_dir: Path,
     external_data_threshold: int,
+    phases_s: dict[str, float],
 ) -> Path | None:
     """Trace `module` to component_dir/model.onnx; weights go to model.onnx_data when the model's
-    size passes `external_data_threshold` bytes. Returns the external data path or None."""
+    size passes `external_data_threshold` bytes. Returns the external data path or None.
+    Seconds per phase ("trace", "external_data") go to `phases_s`."""
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
     # Trace into a scratch folder: above 2 GB the TorchScript exporter scatters one file per
     # tensor beside its output; we gather them into the single file optimum's layout uses.
@@ -236,7 +258,7 @@ def _write_onnx(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     traced = scratch / "model.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _phase(component_dir.name, "trace", phases_s):
         # diffusers and transformers branch on shapes in Python; the tracer warns at every such
         # branch. Whether one baked a shape into the graph is settled by the parity check at a
         # different batch size, not by reading dozens of warnings.
@@ -270,18 +292,52 @@ def _write_onnx(
         os.replace(traced, target)
         shutil.rmtree(scratch)
         return None
-    model = onnx.load(str(traced), load_external_data=True)
-    onnx.save_model(
-        model,
-        str(target),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA_NAME,
-        size_threshold=1024,  # small tensors stay inline, as optimum does
-    )
-    del model
+    # Copy file to file, one tensor at a time, never through the proto: onnx.load(load_external_data=True)
+    # held every weight (3.4 GB for SD-1.5) beside the caller's PyTorch copy, and protobuf keeps a
+    # cleared bytes field's memory until the whole message is freed. Measured on SD-1.5: 3.4 -> 0.16 GB.
+    with _phase(component_dir.name, "external_data", phases_s):
+        model = onnx.load(str(traced), load_external_data=False)
+        with open(external, "wb") as data_file:
+            for tensor in _get_all_tensors(model):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    info = ExternalDataInfo(tensor)
+                    with open(scratch / info.location, "rb") as source:
+                        source.seek(info.offset or 0)
+                        raw = source.read(info.length) if info.length else source.read()
+                else:
+                    raw = tensor.raw_data
+                if len(raw) < 1024:  # small tensors stay inline, as optimum does
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        tensor.raw_data = raw
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+                        del tensor.external_data[:]
+                    continue
+                offset = data_file.tell()
+                data_file.write(raw)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", len(raw))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                del raw
+        onnx.save_model(model, str(target))
+        del model
     shutil.rmtree(scratch)
     return external
+
+
+def copy_generator_schedule(pipe, out_dir: Path) -> list[int] | None:
+    """Copy `onestep.json` from the folder `pipe` was loaded from into `out_dir`; returns its
+    timesteps, or None when the pipeline is an ordinary diffusion model."""
+    import json
+
+    folder = getattr(pipe, "name_or_path", None)
+    source = Path(folder) / GENERATOR_SCHEDULE if folder else None
+    if source is None or not source.is_file():
+        return None
+    shutil.copy2(source, Path(out_dir) / GENERATOR_SCHEDULE)
+    return json.loads(source.read_text())["timesteps"]
 
 
 def export_onnx(
@@ -312,10 +368,15 @@ def export_onnx(
         {"parity": [{"component": "unet", "format": "onnx", "max_abs_err": 3e-6,
                      "psnr_db": 120.4, "tolerance": 1e-4}, ...],
          "files": {"unet": {"path": "unet/model.onnx", "size_bytes": 3401234,
-                            "external_data": None, "export_s": 0.8}, ...},
-         "opset": 17}
+                            "external_data": None, "export_s": 0.8,
+                            "phases_s": {"trace": 0.6, "validate": 0.3}}, ...},
+         "opset": 17, "generator_schedule": None}
 
+    generator_schedule: the generator timesteps when the pipeline folder (`pipe.name_or_path`)
+    holds a k-step generator's `onestep.json`, which is then copied beside model_index.json.
     `size_bytes` counts the graph and its external data; paths are relative to `out_dir`.
+    `phases_s`: seconds of "trace", "external_data" (only when written) and "validate"; each
+    phase is logged as it starts and ends (the progress display inside a long component).
     Raises ValueError on bad arguments before anything is written.
     """
     components = tuple(components) if not isinstance(components, str) else (components,)
@@ -346,8 +407,9 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.tokenizer.save_pretrained(out_dir / "tokenizer")
     pipe.scheduler.save_pretrained(out_dir / "scheduler")
+    schedule = copy_generator_schedule(pipe, out_dir)
 
-    result: dict[str, Any] = {"parity": [], "files": {}, "opset": opset}
+    result: dict[str, Any] = {"parity": [], "files": {}, "opset": opset, "generator_schedule": schedule}
     bar = tqdm(components, desc="export onnx", unit="component", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
@@ -358,6 +420,7 @@ def export_onnx(
         wrapped = next(module.children())
         was_training = wrapped.training
         module.eval()
+        phases_s: dict[str, float] = {}
         try:
             component_dir = out_dir / name
             component_dir.mkdir(exist_ok=True)
@@ -369,13 +432,15 @@ def export_onnx(
                 opset,
                 component_dir,
                 external_data_threshold,
+                phases_s,
             )
             spec["save_config"](component_dir)
             export_s = time.perf_counter() - start
             onnx_path = component_dir / "model.onnx"
-            max_abs_err, psnr_db = onnx_parity(
-                onnx_path, module, spec["make_inputs"](PARITY_BATCH, np.random.default_rng(PARITY_SEED + 1))
-            )
+            with _phase(name, "validate", phases_s):
+                max_abs_err, psnr_db = onnx_parity(
+                    onnx_path, module, spec["make_inputs"](PARITY_BATCH, np.random.default_rng(PARITY_SEED + 1))
+                )
         finally:
             wrapped.train(was_training)
         del spec, module, wrapped
@@ -416,6 +481,7 @@ def export_onnx(
             "size_bytes": size_bytes,
             "external_data": f"{name}/{EXTERNAL_DATA_NAME}" if external else None,
             "export_s": round(export_s, 3),
+            "phases_s": phases_s,  # trace, external_data (when written), validate
         }
 
     # Last: the pipeline's own model_index.json, as optimum writes it; its presence marks a complete folder.

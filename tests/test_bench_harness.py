@@ -78,6 +78,24 @@ def test_small_memory_budget_flags_the_run(finished_run, tmp_path, capsys):
     assert report["device_profile"]["threads_used"] == 1
 
 
+def test_bench_one_stage_one_runtime(finished_run, capsys):
+    """`compress bench RUN/NN-stage --runtime R`: that stage and its ancestors, only runtime R."""
+    from toolchain.cli import main
+
+    export = next(finished_run[0].glob("[0-9][0-9]-export"))
+    assert main(["bench", str(export), "--runtime", "onnxruntime", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stages"][-1]["name"] == "export"
+    assert report["latency"] and {r["runtime"] for r in report["latency"]} == {"onnxruntime"}
+    prune = next(finished_run[0].glob("[0-9][0-9]-prune"))
+    assert main(["bench", str(prune), "--runtime", "torch", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in report["stages"]] == ["source", "prune"]
+    assert {r["runtime"] for r in report["latency"]} == {"torch"} and not report["memory"]
+    assert main(["bench", str(finished_run[0]), "--runtime", "coreml"]) == 2
+    assert "only on macOS" in capsys.readouterr().err
+
+
 def test_gate_passes_on_baseline_and_fails_on_doctored_report(finished_run, tmp_path, capsys):
     from toolchain.cli import main
 
@@ -113,6 +131,21 @@ def test_gate_on_committed_baseline():
     worse["memory"][0]["peak_rss_bytes"] *= 2
     failed = {r.metric.split()[0] for r in compare(worse, baseline)}
     assert failed == {"retain_accuracy", "fid", "memory"}
+
+
+def test_gate_compares_latency_only_on_the_same_machine():
+    from benchmarks.regress import Tolerances, check_all, compare
+
+    baseline = json.loads((REPO / "benchmarks" / "results" / "baseline-default.json").read_text())
+    assert baseline["machine"]["cores"] >= 1
+    slower = copy.deepcopy(baseline)
+    for row in slower["latency"]:
+        row["median_ms"] *= 3
+    assert {r.metric.split()[0] for r in compare(slower, baseline)} == {"latency"}
+    slower["machine"] = {**baseline["machine"], "cpu": "another CPU"}
+    rows = [r for r in check_all(slower, baseline, Tolerances()) if r.metric.startswith("latency")]
+    assert rows and all(r.verdict == "other machine" and not r.failed for r in rows)
+    assert compare(slower, baseline) == []
 
 
 def test_plots_are_pngs(finished_run, tmp_path):

@@ -42,6 +42,14 @@ def test_override_parsing():
         parse_override("prune.ratio")
 
 
+def test_exponent_floats_without_a_dot_are_floats():
+    """YAML 1.1 reads `1e-3` as a string; a learning rate written so must still load."""
+    cfg, _ = load_config("tiny", "onnx", ["finetune.lower_lr=1e-3", "finetune.upper_lr=5E-4"], [])
+    assert cfg.finetune.lower_lr == 1e-3 and cfg.finetune.upper_lr == 5e-4
+    with pytest.raises(ConfigError, match="must be of type float"):
+        load_config("tiny", "onnx", ["finetune.lower_lr=fast"], [])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

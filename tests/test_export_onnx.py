@@ -94,10 +94,31 @@ def test_every_component_matches_pytorch(exported, tiny_pipe):
     json.dumps(result, allow_nan=False)  # goes into manifest.json as it is
 
 
-def test_optimum_pipeline_generates_the_pytorch_images(exported, tiny_pipe):
+@pytest.fixture(scope="module")
+def pruned_exported(tiny_dir, tmp_path_factory):
+    """The tiny pipeline with its UNet channel-pruned by 30%, exported: (folder, torch pipeline)."""
+    from toolchain.pruning.channels import prune_unet_channels
+
+    pipe = load_pipeline(tiny_dir)
+    before = sum(p.numel() for p in pipe.unet.parameters())
+    prune_unet_channels(pipe.unet, 0.3)
+    assert sum(p.numel() for p in pipe.unet.parameters()) < 0.7 * before
+    out_dir = tmp_path_factory.mktemp("onnx-pruned") / "deploy"
+    export_onnx(pipe, out_dir, progress=False)
+    return out_dir, pipe
+
+
+@pytest.mark.parametrize("which", ["unpruned", "pruned"])
+def test_optimum_pipeline_generates_the_pytorch_images(which, request):
+    """optimum's ORTStableDiffusionPipeline loads our folder and draws the PyTorch pipeline's
+    images, for a channel-pruned UNet too (its widths live in the ONNX graph)."""
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
-    out_dir, _ = exported
+    if which == "unpruned":
+        out_dir, _ = request.getfixturevalue("exported")
+        tiny_pipe = request.getfixturevalue("tiny_pipe")
+    else:
+        out_dir, tiny_pipe = request.getfixturevalue("pruned_exported")
     ort_pipe = ORTStableDiffusionPipeline.from_pretrained(out_dir)
     ort_pipe.set_progress_bar_config(disable=True)
     # optimum's pipeline draws noise with torch, so both get the same torch latents and generator.

@@ -78,6 +78,79 @@ def test_teacher_samples_are_cached_and_reused(tiny, tmp_path):
     assert torch.equal(first.latents, again.latents)
 
 
+def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_image_caption_folders(tmp_path):
+    from toolchain.stages.finetune import read_image_folder
+
+    paths = _write_images(tmp_path / "hf", 3)
+    (tmp_path / "hf" / "metadata.jsonl").write_text(
+        '{"file_name": "img0.png", "text": "zero"}\n{"file_name": "img1.png", "text": "one"}\n'
+    )
+    (tmp_path / "hf" / "img2.txt").write_text("two\n")
+    assert read_image_folder(tmp_path / "hf") == list(zip(paths, ["zero", "one", "two"], strict=True))
+    # concept images without captions take the erase prompts in turn
+    _write_images(tmp_path / "plain", 3)
+    assert [c for _, c in read_image_folder(tmp_path / "plain", ["a", "b"])] == ["a", "b", "a"]
+    with pytest.raises(ConfigError, match="no caption"):
+        read_image_folder(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="no such directory"):
+        read_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        read_image_folder(tmp_path / "empty")
+    (tmp_path / "hf" / "metadata.jsonl").write_text("not json\n")
+    with pytest.raises(ConfigError, match="metadata.jsonl:1"):
+        read_image_folder(tmp_path / "hf")
+
+
+def test_image_data_gives_x0_rows(tiny, tmp_path):
+    """Retain images and concept images become x_0 rows (VAE latents) beside the teacher samples."""
+    from toolchain.stages.finetune import encode_images, prepare_data, read_image_folder
+
+    pipe = tiny[0]
+    _write_images(tmp_path / "r", 2)
+    for i in range(2):
+        (tmp_path / "r" / f"img{i}.txt").write_text(f"retained caption {i}")
+    retain = read_image_folder(tmp_path / "r")
+    _write_images(tmp_path / "c", 3, seed=1)
+    concept = [(p, c, "a handwritten digit") for p, c in read_image_folder(tmp_path / "c", ["seven"])]
+    data = prepare_data(pipe, [], [], FinetuneConfig(**FAST), tmp_path / "s.safetensors", False, retain, concept)
+    sampled = 2 * 2  # "" and the anchor prompt, 2 samples each
+    assert data.latents.shape[0] == sampled + 2 + 3
+    assert data.retain_rows.tolist() == [sampled, sampled + 1]
+    assert data.forget_rows.tolist() == [sampled + 2, sampled + 3, sampled + 4]
+    expected = encode_images(pipe, [p for p, _ in retain] + [p for p, *_ in concept])
+    assert torch.allclose(data.latents[sampled:], expected)
+    assert expected.shape[1:] == (4, 8, 8) and expected.std() > 0
+    # prompt ids point at the captions' and the anchor's embeddings
+    assert len(set(data.retain_pids.tolist())) == 2 and len(set(data.forget_pids.tolist())) == 1
+    assert set(data.anchor_rows.tolist()) <= set(range(sampled))
+
+
+def test_changed_images_rerun_finetune(tmp_path):
+    from toolchain.config import from_dict
+    from toolchain.pipeline import STAGES, _stage_config
+
+    _write_images(tmp_path / "r", 2)
+    cfg = from_dict(RunConfig, {"finetune": {"enabled": True, "mode": "distill", "retain_data": str(tmp_path / "r")}})
+    before = _stage_config(STAGES["finetune"], cfg)
+    _write_images(tmp_path / "r", 2, seed=5)
+    assert _stage_config(STAGES["finetune"], cfg) != before
+
+
 def test_retain_prompts_are_every_other_digit():
     from toolchain.config import load_concept
     from toolchain.stages.finetune import retain_prompt_list
@@ -423,6 +496,44 @@ def test_two_cpu_processes_match_one(tiny, tiny_sd_dir, tmp_path):
         finals[n] = load_file(out / "final.safetensors")
         assert json.loads((out / "summary.json").read_text())["processes"] == n
     _assert_same_training(student.state_dict(), finals[1], finals[2])
+
+
+@pytest.mark.slow
+def test_the_cli_under_two_processes_matches_one(tiny_sd_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m toolchain.cli ...` (what `accelerate launch --multi_gpu -m
+    toolchain.cli` starts, here on CPU with gloo): process 0 runs the chain, process 1 joins the
+    finetune stage; the distilled UNet equals a one-process run's, and only process 0 writes."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    settings = [
+        "finetune.enabled=true",
+        "finetune.mode=distill",
+        "finetune.steps=4",
+        "finetune.batch_size=4",
+        "finetune.samples_per_prompt=2",
+        "finetune.sample_steps=2",
+        "finetune.prompt_dropout=0.0",
+        "finetune.lower_lr=1e-3",
+        "benchmark.judge=none",
+    ]
+    weights = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(29500 + n + os.getpid() % 1000)]
+        cmd = [*launcher, "-m", "toolchain.cli", "--target", "onnx", "--model", str(tiny_sd_dir)]
+        cmd += ["--recipe", "tiny", "--out", str(out), "--no-progress", "-q", *settings]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("deployable:") == 1, "only process 0 reports"
+        summary = json.loads((out / "02-finetune" / "manifest.json").read_text())["records"]["finetune"]
+        assert summary["processes"] == n
+        assert (out / "report.json").is_file() and not list(out.glob("*.partial"))
+        weights[n] = load_file(out / "02-finetune" / "unet" / "diffusion_pytorch_model.safetensors")
+    start = load_file(tmp_path / "run1" / "01-prune" / "unet" / "diffusion_pytorch_model.safetensors")
+    _assert_same_training(start, weights[1], weights[2])
 
 
 # ------------------------------------------------------------------------------ digits world

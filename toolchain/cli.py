@@ -72,12 +72,24 @@ def _bench_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  compress bench runs/compress\n"
         "  compress bench runs/compress --profile pixel-8-emulated\n"
+        "  compress bench runs/compress/03-export --runtime onnxruntime   one stage, one runtime\n"
         "  compress bench runs/ci --baseline benchmarks/results/baseline-default.json --tolerance latency_ratio=2\n"
         "  compress bench runs/ci/report.json --baseline old.json     compare without re-measuring\n"
         "\nexit codes: 0 ok, 1 a regression beyond the tolerances, 2 bad input",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("path", type=Path, help="a run folder written by `compress`, or a report.json to compare as is")
+    parser.add_argument(
+        "path",
+        type=Path,
+        help="a run folder written by `compress`, one sealed stage folder of it (that stage and its "
+        "ancestors are measured), or a report.json to compare as is",
+    )
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        choices=("torch", "onnxruntime", "ort", "coreml"),
+        help="measure only the models of this runtime (repeatable; default: every one in the run)",
+    )
     parser.add_argument("--json", action="store_true", help="print report.json instead of the markdown table")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument(
@@ -118,7 +130,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(pipeline.describe_plan(cfg, model, out, stages))
         return 0
-    pipeline.run(cfg, model, out, force=args.force, from_stage=args.from_stage, progress=not args.no_progress)
+    chain = pipeline.run(cfg, model, out, force=args.force, from_stage=args.from_stage, progress=not args.no_progress)
+    if not chain:  # a process other than 0 of a multi-process launch: process 0 reports
+        return 0
     print(f"deployable: {out / 'deploy' / cfg.target}")
     print(f"report:     {out / 'report.json'}")
     return 0
@@ -164,28 +178,39 @@ def _cmd_bench(argv: list[str]) -> int:
         from toolchain.device_config import load_device_profile
 
         load_device_profile(args.profile)
-    run_dir = args.path
+    if args.runtime and "coreml" in args.runtime:
+        raise ConfigError(
+            "--runtime coreml: Core ML predictions run only on macOS; there, `pytest device_tests` "
+            "compiles the .mlpackages and times them per compute unit (see device_tests/README.md)"
+        )
+    run_dir, last = args.path, None
+    if (run_dir / art.MANIFEST).is_file() and (run_dir.parent / "00-source").is_dir():
+        run_dir, last = run_dir.parent, run_dir.name  # one stage of a run: it and its ancestors
     if run_dir.is_file():
-        if args.profile:
-            raise ConfigError(f"--profile re-measures a run folder; {run_dir} is a report file")
+        if args.profile or args.runtime:
+            raise ConfigError(f"--profile and --runtime re-measure a run folder; {run_dir} is a report file")
         report = _read_report(run_dir)
         text = json.dumps(report, indent=2) if args.json else None
     else:
         folders = sorted(p for p in run_dir.glob("[0-9][0-9]-*") if (p / art.MANIFEST).is_file())
         chain = [art.load(p) for p in folders if not p.name.endswith("-benchmark")]
+        if last is not None and not last.endswith("-benchmark"):
+            chain = chain[: [a.path.name for a in chain].index(last) + 1]
         if not chain or chain[0].stage != "source":
             raise ConfigError(f"{run_dir}: not a finished compress run (no sealed 00-source); run `compress` first")
         sealed_report = folders[-1] if folders[-1].name.endswith("-benchmark") else None
         if sealed_report is None:
             raise ConfigError(f"{run_dir}: no sealed benchmark stage; run `compress` to the end first")
         sealed = art.load(sealed_report)
-        settings = {k: v for k, v in sealed.config.items() if k != "erase"}
-        cfg = from_dict(RunConfig, {"erase": sealed.config.get("erase", []), "benchmark": settings})
+        settings = {k: v for k, v in sealed.config.items() if k not in ("erase", "attack")}
+        sections = {"erase": sealed.config.get("erase", []), "benchmark": settings}
+        cfg = from_dict(RunConfig, {**sections, "attack": sealed.config.get("attack", {})})
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             ctx = RunContext(run_dir=run_dir, config=cfg, out_dir=Path(tmp), chain=chain, progress=True)
-            benchmark.run(chain[-1], cfg.benchmark, ctx, profile=args.profile)
+            runtimes = set(args.runtime) if args.runtime else None
+            benchmark.run(chain[-1], cfg.benchmark, ctx, profile=args.profile, runtimes=runtimes)
             report = json.loads((Path(tmp) / "report.json").read_text())
             text = json.dumps(report, indent=2) if args.json else (Path(tmp) / "report.md").read_text()
     if baseline is None:

@@ -99,7 +99,7 @@ class ConceptPruneConfig:
             raise ConfigError(f"concept_prune.guidance_scale={self.guidance_scale}: must be >= 0, e.g. 7.5")
 
 
-FINETUNE_MODES = ("distill", "sequential", "bilevel", "bilevel-penalty")  # "auto" resolves to one of these
+FINETUNE_MODES = ("distill", "sequential", "bilevel", "bilevel-penalty", "sfd")  # "auto" resolves to one of these
 # The registered objectives of toolchain.unlearning, listed here so loading a config imports no
 # torch; a test checks that both lists agree.
 OBJECTIVE_NAMES = ("ablation", "all-but-one", "erasediff", "esd", "sfd")
@@ -111,13 +111,15 @@ class FinetuneConfig:
 
     Lower level (every mode): L_ft = w_diff·L_diff + w_out·L_outKD + w_feat·L_featKD.
     Upper level (sequential / bilevel / bilevel-penalty): the unlearning `objective`.
+    mode=sfd: Score Forgetting Distillation of the student into a k-step generator that also
+    forgets (`sfd_*` fields, toolchain/onestep.py); the lower-level and objective fields do not apply.
     Learning rates default to values that work on the digits model (3.3M params, 16x16 px);
     the paper's SD-2.1 values are lower_lr=1e-6, upper_lr=5e-6, warmup_steps=250.
     """
 
     enabled: bool = False  # run the stage
     # "auto": bilevel when --erase names concepts, distill otherwise (resolved by `resolve_finetune`)
-    mode: Literal["auto", "distill", "sequential", "bilevel", "bilevel-penalty"] = "bilevel"
+    mode: Literal["auto", "distill", "sequential", "bilevel", "bilevel-penalty", "sfd"] = "bilevel"
     objective: str = "esd"  # upper loss: esd, ablation, erasediff, sfd, all-but-one
     trainable: Literal["full", "cross_attention", "non_cross_attention"] = "full"  # what upper steps change
     steps: int = 1000  # optimiser steps in total (sequential: distill steps + unlearn_steps)
@@ -139,6 +141,9 @@ class FinetuneConfig:
     prompt_dropout: float = 0.1  # share of retain prompts replaced by "" (keeps CFG working)
     retain_prompts: list[str] = field(default_factory=list)  # empty: every other concept of the judge
     retain_judge: str = "digits"  # judge whose concepts give the retain prompts when nothing is erased
+    # image+caption folder (metadata.jsonl with file_name/text, or name.txt beside each image)
+    # whose VAE latents and captions replace the teacher's samples of the retain prompts
+    retain_data: str = ""
     samples_per_prompt: int = 8  # teacher samples (x_0 latents) per prompt, generated once
     sample_steps: int = 25  # DDIM steps of the teacher samples
     sample_guidance: float = 5.0  # guidance scale of the teacher samples
@@ -147,11 +152,39 @@ class FinetuneConfig:
     erasediff_lambda: float = 1.0  # EraseDiff: fixed λ; < 0 = adaptive max(η − cos, 0)
     erasediff_eta: float = 0.1  # EraseDiff: η of the adaptive rule
     erasediff_inner_steps: int = 0  # EraseDiff: steps estimating min L_f on a copy (log only)
+    # AdvUnlearn-style robust upper level: before every upper step, `robust_attack_steps` prefix-attack
+    # steps (toolchain/attacks.py) find `robust_prefix_tokens` tokens that bring the concept back in
+    # the current student; the unlearning loss is taken on the attacked prompts, plus
+    # robust_retain_weight·MSE(S, T) on retain prompts. Costs about robust_attack_steps extra
+    # forward/backward passes per upper step (reported as robust.attack_s in the summary)
+    robust: bool = False
+    robust_attack_steps: int = 4  # attack steps per upper step (AdvUnlearn: 30 on SD)
+    robust_prefix_tokens: int = 3  # adversarial prefix tokens (UnlearnDiffAtk / AdvUnlearn: 5)
+    robust_attack_candidates: int = 8  # single-token swaps checked per example and attack step
+    robust_attacked_share: float = 0.5  # share of a forget batch conditioned on attacked prompts (rest plain)
+    robust_retain_weight: float = 1.0  # weight of the retain term MSE(S(x_t,c_r), T(x_t,c_r))
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision
     gradient_checkpointing: bool = False  # UNet gradient checkpointing (saves memory on CUDA)
     checkpoint_every: int = 100  # save weights + optimiser states every N steps
     max_loss: float = 1e4  # a loss above this (or NaN/inf) stops the run
     seed: int = 0
+    # mode=sfd: Score Forgetting Distillation to a k-step generator (toolchain/onestep.py). Defaults
+    # from tqch/score-forgetting-distillation's SD run (run_sfd.sh) unless noted; the lrs are the
+    # digits model's (paper SD-1.5: generator 1e-6, fake score 3e-6; Adam betas (0, 0.999)).
+    sfd_steps: int = 1  # generator calls per image k; timesteps t_i = t_init·(1 − i/k), i < k
+    sfd_timesteps: list[int] = field(default_factory=list)  # explicit decreasing timesteps (overrides the two above)
+    sfd_init_timestep: int = 625  # t_init, the generation timestep (SD 625, CIFAR-10 440)
+    sfd_alpha: float = 1.0  # SiD α: L_G = (y_r − y_f)ᵀ[(y_r − x_g) − α(y_r − y_f)] / w (SD 1, CIFAR-10 1.2)
+    sfd_guidance: float = 4.5  # classifier-free guidance inside the loss: fake training, fake and teacher eval
+    sfd_tmin: int = 20  # diffusion timesteps of the score evaluations, uniform in [tmin, tmax)
+    sfd_tmax: int = 980
+    sfd_remain_weight: float = 1.0  # weight of the retain-prompt terms (sg_remain = g_remain)
+    sfd_forget_weight: float = 1.0  # weight of the forget→override terms (SD 1.0; code default 0.01)
+    sfd_generator_lr: float = 2e-4  # Adam lr of the generator G
+    sfd_fake_lr: float = 2e-4  # Adam lr of the fake-score network
+    sfd_fake_init: Literal["teacher", "student"] = "teacher"  # fake score starts as a copy of this (SiD: teacher)
+    # teacher's override estimate guided away from the forget prompt (SFD's negative prompt, use_neg[2])
+    sfd_negative_forget: bool = False
 
     def __post_init__(self):
         if self.mode not in (*FINETUNE_MODES, "auto"):
@@ -195,6 +228,52 @@ class FinetuneConfig:
             raise ConfigError("finetune.w_diff, w_out and w_feat are all 0: the lower loss would be empty")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ConfigError(f"finetune.prompt_dropout={self.prompt_dropout}: must be in [0, 1), e.g. 0.1")
+        for name in ("robust_attack_steps", "robust_prefix_tokens", "robust_attack_candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 1 (or finetune.robust=false)")
+        if not 0.0 <= self.robust_attacked_share <= 1.0:
+            raise ConfigError(
+                f"finetune.robust_attacked_share={self.robust_attacked_share}: must be in [0, 1], e.g. 0.5"
+            )
+        if self.robust_retain_weight < 0:
+            raise ConfigError(f"finetune.robust_retain_weight={self.robust_retain_weight}: must be >= 0, e.g. 1.0")
+        self._check_sfd()
+
+    def _check_sfd(self) -> None:
+        if self.sfd_steps < 1:
+            raise ConfigError(f"finetune.sfd_steps={self.sfd_steps}: must be >= 1, e.g. finetune.sfd_steps=1")
+        if not 0 < self.sfd_init_timestep < 1000:
+            raise ConfigError(f"finetune.sfd_init_timestep={self.sfd_init_timestep}: must be in (0, 1000), e.g. 625")
+        if self.sfd_steps > self.sfd_init_timestep:
+            raise ConfigError(
+                f"finetune.sfd_steps={self.sfd_steps} > sfd_init_timestep={self.sfd_init_timestep}: timesteps would repeat"
+            )
+        ts = list(self.sfd_timesteps)
+        if ts and (any(not 0 <= t < 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:], strict=False))):
+            raise ConfigError(
+                f"finetune.sfd_timesteps={ts}: must be strictly decreasing timesteps in [0, 1000), e.g. [625, 312]"
+            )
+        if not 0 <= self.sfd_tmin < self.sfd_tmax <= 1000:
+            raise ConfigError(
+                f"finetune.sfd_tmin={self.sfd_tmin}, sfd_tmax={self.sfd_tmax}: need 0 <= tmin < tmax <= 1000, e.g. 20, 980"
+            )
+        for name in ("sfd_generator_lr", "sfd_fake_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be > 0")
+        for name in ("sfd_guidance", "sfd_remain_weight", "sfd_forget_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
+        if self.sfd_remain_weight + self.sfd_forget_weight == 0:
+            raise ConfigError(
+                "finetune.sfd_remain_weight and sfd_forget_weight are both 0: the sfd loss would be empty"
+            )
+
+    @property
+    def sfd_schedule(self) -> list[int]:
+        """The generator's timesteps t_1 > ... > t_k (mode=sfd)."""
+        if self.sfd_timesteps:
+            return [int(t) for t in self.sfd_timesteps]
+        return [int(self.sfd_init_timestep * (1 - i / self.sfd_steps)) for i in range(self.sfd_steps)]
 
     @property
     def unlearns(self) -> bool:
@@ -363,6 +442,11 @@ class BenchmarkConfig:
     judge: str = "auto"
     # runtime profile (configs/devices/<name>.yaml or a YAML path): threads, providers, memory budget
     profile: str = "desktop-cpu"
+    # CLIP zero-shot judge (concept files with `judge: clip`): a local CLIP folder, or a hub id
+    # (e.g. openai/clip-vit-large-patch14) where the network allows; each class text is
+    # clip_template with the concept label in place of {}
+    clip_model: str = ""
+    clip_template: str = "{}"
 
     def __post_init__(self):
         for name in ("batch", "repeats", "eval_steps"):
@@ -371,6 +455,57 @@ class BenchmarkConfig:
         for name in ("warmup", "threads", "eval_images_per_prompt"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"benchmark.{name}={getattr(self, name)}: must be >= 0")
+        if "{}" not in self.clip_template:
+            raise ConfigError(f"benchmark.clip_template={self.clip_template!r}: must contain {{}} for the label")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """White-box attacks on erasure, run by the benchmark stage on every PyTorch stage's model
+    (toolchain/attacks.py): a discrete prefix-prompt attack (UnlearnDiffAtk-style) and concept
+    inversion (one learned token embedding); the exported model is measured with the found prompts.
+    Cost per stage: about `steps` + `inversion_steps` forward/backward passes of the UNet at batch
+    n_prompts·batch (resp. batch), plus generation of 2·n_prompts·images_per_prompt images."""
+
+    enabled: bool = False  # run the attacks (needs --erase and a judge)
+    prefix_tokens: int = 3  # k adversarial prefix tokens (UnlearnDiffAtk: 5 on SD)
+    steps: int = 30  # prefix-attack steps (the budget): one gradient pass + one batched swap check each
+    candidates: int = 8  # single-token swaps checked exactly per prompt and step
+    topk: int = 8  # swaps are drawn among each position's top-k tokens by the embedding gradient
+    select_every: int = 10  # judge the current prefixes every N steps and at the end; 0 = only at the end
+    select_images: int = 2  # images per prompt of each judging (other seeds than the reported figure)
+    n_prompts: int = 7  # attacked prompts per concept: its erase_prompts, cycled
+    images_per_prompt: int = 4  # generations judged per attacked prompt
+    batch: int = 8  # noised concept latents per prompt in the attack objective
+    concept_images: int = 4  # original-model samples per concept prompt (the "concept images")
+    inversion_steps: int = 100  # concept-inversion steps; 0 = no embedding attack
+    inversion_lr: float = 0.005  # Adam lr of the inverted token embedding
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.prefix_tokens, bool) or self.prefix_tokens < 1:
+            raise ConfigError(
+                f"attack.prefix_tokens={self.prefix_tokens}: the prefix attack needs at least 1 token, "
+                "e.g. attack.prefix_tokens=3"
+            )
+        for name in ("steps", "inversion_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"attack.{name}={getattr(self, name)}: must be >= 0, e.g. attack.{name}=40")
+        for name in (
+            "n_prompts",
+            "images_per_prompt",
+            "batch",
+            "concept_images",
+            "candidates",
+            "topk",
+            "select_images",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"attack.{name}={getattr(self, name)}: must be >= 1")
+        if self.select_every < 0:
+            raise ConfigError(f"attack.select_every={self.select_every}: must be >= 0, e.g. attack.select_every=10")
+        if not self.inversion_lr > 0:
+            raise ConfigError(f"attack.inversion_lr={self.inversion_lr}: must be > 0, e.g. 0.005")
 
 
 @dataclass(frozen=True)
@@ -387,6 +522,7 @@ class RunConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # white-box attacks in the benchmark stage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +561,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return from_dict(hint, value, key)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `--erase 7` and `erase: [7]` both mean the concept named "7"
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -558,6 +699,10 @@ def validate_file(path: Path) -> str:
 # Concepts
 
 
+# The judges `benchmarks.leakage` registers (a test keeps the two lists equal; config stays light).
+JUDGE_NAMES = ("clip", "digits", "nudenet")
+
+
 @dataclass(frozen=True)
 class ConceptConfig:
     """A concept to erase: its prompts, the judge that recognises it, and a safe anchor."""
@@ -570,10 +715,15 @@ class ConceptConfig:
     heldout_prompts: list[str] = field(default_factory=list)  # phrasings no training step uses
     retain_prompts: dict[str, list[str]] = field(default_factory=dict)  # judge label -> prompts
     anchor_prompt: str = ""  # anchor / override / replacement concept
+    # folder of images of the concept (captions optional: the erase prompts in turn); when set,
+    # finetune noises these instead of the teacher's samples of the concept
+    images: str = ""
 
     def __post_init__(self):
         if not self.erase_prompts:
             raise ConfigError(f"concept {self.name}: erase_prompts is empty; list the prompts that name it")
+        if self.judge not in JUDGE_NAMES:
+            raise ConfigError(f"concept {self.name}: judge={self.judge!r}; use one of {list(JUDGE_NAMES)}")
 
 
 def load_concept(name: str) -> ConceptConfig:

@@ -10,6 +10,10 @@ Run folder layout (`--out`):
     03-benchmark/                report.json, report.md + manifest.json
     deploy/<target>/             the deliverable, laid out as the target's users expect
     report.json, report.md       the run's report
+
+Several processes (`accelerate launch --multi_gpu --num_processes N -m toolchain.cli ...`, or
+torchrun): process 0 runs the chain as one process would; the others wait for it and join only
+the `finetune` stage (DDP, each process a slice of the global batch), then exit.
 """
 
 from __future__ import annotations
@@ -62,17 +66,30 @@ class Stage:
         return importlib.import_module(f"toolchain.stages.{self.name}").run(source, cfg, ctx)
 
 
+def _finetune_data(cfg: RunConfig) -> dict[str, Any]:
+    """The erased concepts and the content of the image folders finetune reads: changed images
+    re-run the stage like changed settings do."""
+    folders = [cfg.finetune.retain_data] if cfg.finetune.enabled and cfg.finetune.retain_data else []
+    if cfg.finetune.enabled:
+        folders += [c.images for c in map(load_concept, cfg.erase) if c.images]
+    data = {f: art.hash_folder(Path(f)) if Path(f).is_dir() else "missing" for f in folders}
+    return {"erase": cfg.erase, **({"data": data} if data else {})}
+
+
 STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune),
-    "finetune": Stage(
-        "finetune", 1, lambda c: resolve_finetune(c.finetune, c.erase), extra=lambda c: {"erase": c.erase}
-    ),
+    "finetune": Stage("finetune", 1, lambda c: resolve_finetune(c.finetune, c.erase), extra=_finetune_data),
     "concept_prune": Stage("concept_prune", 1, lambda c: c.concept_prune, extra=lambda c: {"erase": c.erase}),
     "export": Stage("export", 1, lambda c: c.export),
     "quantize": Stage("quantize", 1, lambda c: c.quantize, extra=lambda c: {"erase": c.erase}),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization),
     "coreml": Stage("coreml", 1, lambda c: c.coreml),
-    "benchmark": Stage("benchmark", 1, lambda c: c.benchmark, extra=lambda c: {"erase": c.erase}),
+    "benchmark": Stage(
+        "benchmark",
+        1,
+        lambda c: c.benchmark,
+        extra=lambda c: {"erase": c.erase, "attack": dataclasses.asdict(c.attack)},
+    ),
 }
 
 
@@ -220,6 +237,53 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+DISTRIBUTED_TIMEOUT_H = 6  # how long the other processes may wait for process 0's stages
+
+
+class _Followers:
+    """Process 0's link to the other processes of a multi-process launch. They wait for exactly
+    one message: the finetune job to join, or None (nothing to train, or process 0 failed)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.sent = self.world == 1
+        if self.world > 1:
+            from datetime import timedelta
+
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # as Accelerator() reads it
+            self.state = PartialState(cpu=cpu, timeout=timedelta(hours=DISTRIBUTED_TIMEOUT_H))
+
+    def send(self, job: dict | None) -> None:
+        if not self.sent:
+            import torch.distributed as dist
+
+            self.sent = True
+            dist.broadcast_object_list([job], src=0, device=self.state.device)
+
+    def receive(self) -> dict | None:
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0, device=self.state.device)
+        return box[0]
+
+
+def _follow(cfg: RunConfig, out: Path, followers: _Followers, progress: bool) -> list[art.Artifact]:
+    """A process other than 0: train with process 0 if it runs finetune, else return at once."""
+    job = followers.receive()
+    if job is None:
+        return []
+    chain = [art.load(Path(path)) for path in job["chain"]]
+    stage = STAGES["finetune"]
+    ctx = RunContext(run_dir=out, config=cfg, out_dir=Path(job["partial"]), chain=chain, progress=progress)
+    stage.run(chain[-1], stage.section(cfg), ctx)
+    return []
+
+
 def run(
     cfg: RunConfig,
     model: Path,
@@ -228,7 +292,26 @@ def run(
     from_stage: str | None = None,
     progress: bool = True,
 ) -> list[art.Artifact]:
-    """Run the plan; sealed stages whose fingerprint matches are skipped. Returns the chain."""
+    """Run the plan; sealed stages whose fingerprint matches are skipped. Returns the chain
+    (empty in the processes other than 0 of a multi-process launch)."""
+    followers = _Followers()
+    if followers.rank > 0:
+        return _follow(cfg, out, followers, progress)
+    try:
+        return _run_main(cfg, model, out, force, from_stage, progress, followers)
+    finally:
+        followers.send(None)  # no finetune ran (or it failed before): release the others
+
+
+def _run_main(
+    cfg: RunConfig,
+    model: Path,
+    out: Path,
+    force: bool,
+    from_stage: str | None,
+    progress: bool,
+    followers: _Followers,
+) -> list[art.Artifact]:
     stages = plan(cfg)
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
@@ -249,7 +332,7 @@ def run(
         rerun = force
         for i, stage in enumerate(stages, 1):
             rerun = rerun or stage.name == from_stage
-            artifact, ran = _run_stage(i, stage, cfg, out, chain, rerun, progress)
+            artifact, ran = _run_stage(i, stage, cfg, out, chain, rerun, progress, followers)
             chain.append(artifact)
             rerun = rerun or ran  # everything after a stage that ran sees a new input
         _deploy(cfg, out, chain)
@@ -257,7 +340,14 @@ def run(
 
 
 def _run_stage(
-    i: int, stage: Stage, cfg: RunConfig, out: Path, chain: list[art.Artifact], rerun: bool, progress: bool
+    i: int,
+    stage: Stage,
+    cfg: RunConfig,
+    out: Path,
+    chain: list[art.Artifact],
+    rerun: bool,
+    progress: bool,
+    followers: _Followers | None = None,
 ) -> tuple[art.Artifact, bool]:
     """Run one stage into its `.partial` folder and seal it, or skip it; returns (artifact, ran)."""
     config = _stage_config(stage, cfg)
@@ -277,6 +367,8 @@ def _run_stage(
     marker.write_text(fp)
     logger.info("%s: running", final.name)
     ctx = RunContext(run_dir=out, config=cfg, out_dir=partial, chain=list(chain), progress=progress)
+    if followers is not None and stage.name == "finetune":  # the other processes train with this one
+        followers.send({"partial": str(partial), "chain": [str(a.path) for a in chain]})
     start = time.perf_counter()
     result = stage.run(chain[-1], stage.section(cfg), ctx)
     result.path = partial

@@ -60,9 +60,15 @@ def _onnx_params(path: Path) -> int:
     return total
 
 
-def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None) -> Artifact:
+RUNTIMES = {"diffusers": "torch", "onnx": "onnxruntime", "ort": "ort", "coreml": "coreml"}  # artifact kind -> runtime
+
+
+def run(
+    source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None, runtimes: set[str] | None = None
+) -> Artifact:
     """Measure the chain under a device profile: `profile` (a shipped name or a YAML path), else
-    `cfg.profile` where the config has it, else $COMPRESS_DEVICE_PROFILE, else desktop-cpu."""
+    `cfg.profile` where the config has it, else $COMPRESS_DEVICE_PROFILE, else desktop-cpu.
+    `runtimes` (torch, onnxruntime, ort): run only the models of those runtimes (default: all)."""
     from toolchain.device_config import load_device_profile
 
     device = load_device_profile(profile or getattr(cfg, "profile", None))  # a bad profile fails before any work
@@ -72,6 +78,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
         OrtPipeline,
         component_inputs,
         composed_image_latency,
+        machine_info,
         ort_latency,
         ort_session,
         time_callable,
@@ -81,6 +88,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
     from benchmarks.plots import write_plots
     from benchmarks.report import write_report
     from toolchain.models.io import load_unet
+    from toolchain.onestep import read_schedule
 
     threads = device.threads or cfg.threads
     if threads:
@@ -91,6 +99,10 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
     chain = ctx.chain
     torch_stages = [a for a in chain if a.kind == "diffusers"]
     exported = [a for a in chain if a.kind in ("onnx", "ort")]
+
+    def measured(artifact: Artifact) -> bool:
+        return runtimes is None or RUNTIMES.get(artifact.kind) in runtimes
+
     latency, memory, warnings = [], [], []
     if missing:
         warnings.append(
@@ -99,7 +111,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
         )
     if device.torch_device == "cuda" and torch_device == "cpu":
         warnings.append(f"device profile {device.name} wants CUDA but torch sees no GPU; the PyTorch rows ran on CPU")
-    evaluation = _evaluation_plan(chain[0], ctx.config.erase, cfg.judge)
+    evaluation = _evaluation_plan(chain[0], ctx.config.erase, cfg)
     if any(a.kind == "coreml" and not a.metrics.get("prediction_checked") for a in chain):
         warnings.append(
             "Core ML prediction needs macOS: the .mlpackage files were checked by their spec only; "
@@ -131,17 +143,19 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
         # every PyTorch stage, and every exported (and quantized) model run through ONNX Runtime
         # as the app would run it: quantization is known to bring erased concepts back
         files = pipeline_files(artifact) if artifact in exported else {}
-        if evaluation and (artifact.kind == "diffusers" or files):
+        if evaluation and measured(artifact) and (artifact.kind == "diffusers" or files):
             ort_pipe = OrtPipeline(artifact.path, files, providers, threads) if files else None
-            scores, samples[artifact.stage] = _evaluate(artifact, evaluation, cfg, ort_pipe)
-            entry.update(scores.to_report())
+            scores, judged, samples[artifact.stage] = _evaluate(artifact, evaluation, cfg, ort_pipe)
+            entry.update(judged)
             per_label[artifact.stage] = scores.per_label_accuracy
             del ort_pipe
         stages.append(entry)
+    _attack_stages(chain, stages, evaluation, ctx.config, cfg, pipeline_files, providers, threads)
 
     pipeline_dir = torch_stages[-1].files
     unet_inputs = component_inputs(pipeline_dir, "unet", cfg.batch, cfg.seed)
-    for artifact in (torch_stages[0], torch_stages[-1]) if len(torch_stages) > 1 else torch_stages[:1]:
+    timed_torch = (torch_stages[0], torch_stages[-1]) if len(torch_stages) > 1 else torch_stages[:1]
+    for artifact in [a for a in timed_torch if measured(a)]:
         start = time.perf_counter()
         unet = load_unet(artifact.files / "unet")
         load_ms = round((time.perf_counter() - start) * 1000.0, 3)
@@ -161,8 +175,8 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
         del unet
 
     memory_specs, memory_rows = [], []
-    for artifact in exported:
-        runtime = {"onnx": "onnxruntime", "ort": "ort"}[artifact.kind]
+    for artifact in [a for a in exported if measured(a)]:
+        runtime = RUNTIMES[artifact.kind]
         component_rows = []
         for component, info in artifact.metrics.get("files", {}).items():
             start = time.perf_counter()
@@ -191,13 +205,19 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
             del session
         latency += component_rows
         image_row = {"runtime": runtime, **tag, "stage": artifact.stage, "component": "image", "batch": 2}
-        composed = composed_image_latency(component_rows, cfg.eval_steps)
+        # a k-step generator (finetune.mode=sfd) runs k unguided UNet calls per image: composed from
+        # the batch-2 UNet row it is an upper bound; the measured row runs it as it is
+        generator = read_schedule(artifact.path)
+        steps = len(generator["timesteps"]) if generator else cfg.eval_steps
+        if generator:
+            image_row.update(batch=1, generator_steps=steps)
+        composed = composed_image_latency(component_rows, steps)
         if composed is not None:
             latency.append(
                 {
                     **image_row,
                     "method": "composed",
-                    "steps": cfg.eval_steps,
+                    "steps": steps,
                     "provider": component_rows[0]["provider"],
                     **composed,
                 }
@@ -214,7 +234,7 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
                 {
                     **image_row,
                     "method": "measured",
-                    "steps": cfg.eval_steps,
+                    "steps": steps,
                     "guidance_scale": cfg.guidance_scale,
                     "provider": ort_pipe.provider,
                     "load_ms": ort_pipe.load_ms,
@@ -263,12 +283,18 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
             "erase": list(ctx.config.erase),
         },
         "device_profile": {**device.to_report(), "threads_used": threads, "providers_used": providers},
+        "machine": machine_info(),
         "stages": stages,
         "latency": latency,
         "memory": memory,
         "parity": [row for artifact in exported for row in artifact.metrics.get("parity", [])],
         "warnings": warnings,
     }
+    if evaluation:
+        from benchmarks.leakage import get_judge
+
+        judge = get_judge(evaluation["judge"], **evaluation["options"])
+        report["judge"] = judge.describe() if hasattr(judge, "describe") else {"judge": judge.name}
     if any(m.get("over_budget") for m in memory):
         report["over_budget"] = True
     if per_label:
@@ -278,16 +304,18 @@ def run(source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None)
     return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
 
 
-def _evaluation_plan(source: Artifact, erase: list[str], judge: str) -> dict | None:
+def _evaluation_plan(source: Artifact, erase: list[str], cfg: BenchmarkConfig) -> dict | None:
     """Which judge scores this model and with which prompts, or None when no judge applies.
 
     With judge "auto" it is the one named by the erased concepts' files, else the one the model
-    folder names in judge.json (the embedded digits model does). Prompts per judge label come
-    from every concept file of that judge.
+    folder names in judge.json (the embedded digits model does). Prompts per judge label: every
+    concept file of that judge gives its label's prompts, and each erased concept adds its own
+    `retain_prompts`; "heldout" holds the erased concepts' held-out phrasings (paraphrase leakage).
     """
-    if judge == "none":
+    if cfg.judge == "none":
         return None
     concepts = [load_concept(name) for name in erase]
+    judge = cfg.judge
     if judge == "auto":
         marker = source.files / JUDGE_FILE
         judge = concepts[0].judge if concepts else None
@@ -297,22 +325,36 @@ def _evaluation_plan(source: Artifact, erase: list[str], judge: str) -> dict | N
             return None
     from toolchain.config import CONFIG_DIR
 
-    prompts = {}
+    prompts: dict[str, list[str]] = {}
+
+    def add(label: str, more: list[str]) -> None:
+        prompts.setdefault(label, [])
+        prompts[label] += [p for p in more if p not in prompts[label]]
+
     for path in sorted((CONFIG_DIR / "concepts").glob("*.yaml")):
         concept = load_concept(str(path))
         if concept.judge == judge:
-            prompts[concept.label] = concept.erase_prompts
+            add(concept.label, concept.erase_prompts)
+    for concept in concepts:
+        add(concept.label, concept.erase_prompts)
+        for label, more in concept.retain_prompts.items():
+            add(label, more)
     erased = {c.label for c in concepts}
+    options = {}
+    if judge == "clip":
+        options = {"classes": sorted(prompts), "model": cfg.clip_model, "template": cfg.clip_template}
     return {
         "judge": judge,
+        "options": options,
         "erase": {label: p for label, p in prompts.items() if label in erased},
         "retain": {label: p for label, p in prompts.items() if label not in erased},
+        "heldout": {c.label: list(c.heldout_prompts) for c in concepts if c.heldout_prompts},
     }
 
 
 def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig, ort_pipe=None):
     """Judge the images `artifact` generates (a diffusers folder in PyTorch, or `ort_pipe` for an
-    exported one); returns (scores, samples): samples = the first image of every label, erased
+    exported one); returns (scores, report entry, samples): samples = the first image of every label, erased
     labels first, for the report's sample grid."""
     from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
     from toolchain.models.io import load_pipeline
@@ -333,19 +375,75 @@ def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig, ort_pi
         seen["prompts"], seen["images"] = prompts, images
         return images
 
+    judge = get_judge(evaluation["judge"], **evaluation["options"])
     scores = evaluate_concepts(
         generate_and_keep,
-        get_judge(evaluation["judge"]),
+        judge,
         erase=evaluation["erase"],
         retain=evaluation["retain"],
         n_per_prompt=cfg.eval_images_per_prompt,
         seed=cfg.seed,
     )
-    logger.info("%s: judge %s -> %s", artifact.stage, evaluation["judge"], scores.to_report())
+    report = scores.to_report()
+    if evaluation["heldout"]:  # phrasings no training step saw: leakage under paraphrase
+        held = evaluate_concepts(generate, judge, evaluation["heldout"], {}, cfg.eval_images_per_prompt, cfg.seed + 1)
+        report["attack"] = {label: {"heldout_leakage": rate} for label, rate in held.leakage.items()}
+    logger.info("%s: judge %s -> %s", artifact.stage, evaluation["judge"], report)
     samples = []
     for erased, group in ((True, evaluation["erase"]), (False, evaluation["retain"])):
         for label, prompts in group.items():
             if prompts and prompts[0] in seen.get("prompts", []):
                 i = seen["prompts"].index(prompts[0])
                 samples.append({"label": label, "erased": erased, "prompt": prompts[0], "image": seen["images"][i]})
-    return scores, samples
+    return scores, report, samples
+
+
+def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, pipeline_files, providers, threads):
+    """White-box attacks per stage (`attack` section, toolchain/attacks.py), merged into each
+    stage entry's `attack.<label>`: on every PyTorch stage the prefix attack and concept inversion
+    run against that stage's model (`attacked_on` = the stage itself); every exported model runs
+    the prompts found on the last PyTorch stage before it (`attacked_on` names that stage; the
+    inverted embedding does not transfer: it is no text). The original model is the source stage."""
+    acfg = run_config.attack
+    if not acfg.enabled or not evaluation or not evaluation["erase"]:
+        return
+    import torch
+
+    from benchmarks.leakage import get_judge
+    from toolchain.attacks import attack_concept, concept_latents, transfer_rate
+    from toolchain.models.io import load_pipeline
+
+    judge = get_judge(evaluation["judge"], **evaluation["options"])
+    original = load_pipeline(chain[0].files)
+    latents = {
+        label: concept_latents(original, prompts, acfg.concept_images, cfg.eval_steps, cfg.guidance_scale, acfg.seed)
+        for label, prompts in evaluation["erase"].items()
+    }
+    found: dict[str, tuple[str, list[str]]] = {}
+    guidance = cfg.guidance_scale
+    for artifact, entry in zip(chain, stages, strict=True):
+        files = pipeline_files(artifact) if artifact.kind in ("onnx", "ort") else {}
+        if artifact.kind == "diffusers":
+            pipe = load_pipeline(artifact.files)
+            for label, prompts in evaluation["erase"].items():
+                with torch.enable_grad():
+                    result = attack_concept(
+                        pipe, original, latents[label], prompts, label, judge, acfg, cfg.eval_steps, guidance
+                    )
+                found[label] = (artifact.stage, result.attacked_prompts)
+                attack = entry.setdefault("attack", {}).setdefault(label, {})
+                attack.update(result.to_report(), attacked_on=artifact.stage)
+            del pipe
+        elif files and found:
+            from benchmarks.latency import OrtPipeline
+
+            ort_pipe = OrtPipeline(artifact.path, files, providers, threads)
+            for label, (stage, prompts) in found.items():
+
+                def generate(batch, seed, ort_pipe=ort_pipe):
+                    return ort_pipe(batch, seed, steps=cfg.eval_steps, guidance_scale=guidance)
+
+                rate = transfer_rate(generate, prompts, label, judge, acfg.images_per_prompt, acfg.seed)
+                attack = entry.setdefault("attack", {}).setdefault(label, {})
+                attack.update(prompt_attack=rate, embedding_attack=None, prompts=prompts, attacked_on=stage)
+            del ort_pipe

@@ -33,7 +33,7 @@ def run(source: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     return Artifact(
         path=ctx.out_dir,
         kind="onnx",
-        records={"opset": result["opset"]},
+        records={"opset": result["opset"], "generator_schedule": result["generator_schedule"]},
         metrics={
             "parity": [{**row, "reference": "torch"} for row in result["parity"]],
             "files": result["files"],

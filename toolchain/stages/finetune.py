@@ -15,11 +15,20 @@ Lower level (recovers quality):  L_ft = w_diff·L_diff + w_out·L_outKD + w_feat
 - Data: the retain prompts (every other concept of the erased concepts' judge, or
   `retain_prompts`), x_0 = latents of the *teacher's own* DDIM samples of them, generated once
   and cached in the output folder (`teacher_samples.safetensors`), so a resumed run reuses them;
+  or, with `retain_data`, the VAE latents of an image+caption folder with its captions.
   `prompt_dropout` of the prompts become "" so classifier-free guidance keeps working.
 
 Upper level (unlearning): any `toolchain.unlearning` objective on forget batches (x_t = noised
-teacher samples of the erase prompts, or of the anchor prompt for `ablation`); it may change only
+teacher samples of the erase prompts, or the concept file's `images`, or teacher samples of the
+anchor prompt for `ablation`); it may change only
 the `trainable` subset. EraseDiff adds its retain term and its constrained first-order step here.
+Robust option (`robust`, in the manner of AdvUnlearn, Zhang et al. 2024, `OPTML-Group/AdvUnlearn`):
+before every upper step, `robust_attack_steps` steps of the discrete prefix attack of
+toolchain/attacks.py search `robust_prefix_tokens` tokens per forget example that make the current
+student's prediction match the teacher's concept prediction (the inner maximisation); the upper
+objective is then taken with those attacked prompts for `robust_attacked_share` of the batch (the
+rest keep the plain prompts), plus `robust_retain_weight`·MSE(S(x_t,c_r), T(x_t,c_r)) on a retain
+batch (AdvUnlearn's utility term). Its extra wall time is `robust` in the summary.
 
 Modes (same number of steps `steps` in each):
 - distill: lower steps only.
@@ -94,7 +103,7 @@ def check_config(cfg: FinetuneConfig, erase: list[str]) -> list[ConceptConfig]:
 
 def retain_prompt_list(cfg: FinetuneConfig, concepts: list[ConceptConfig]) -> list[str]:
     """`cfg.retain_prompts`, or the erase prompts of every concept file of the same judge that is
-    not erased (digits world: every other digit)."""
+    not erased (digits world: every other digit) and the erased concepts' own `retain_prompts`."""
     if cfg.retain_prompts:
         return list(cfg.retain_prompts)
     judges = {c.judge for c in concepts} or {cfg.retain_judge}
@@ -104,6 +113,9 @@ def retain_prompt_list(cfg: FinetuneConfig, concepts: list[ConceptConfig]) -> li
         concept = load_concept(str(path))
         if concept.judge in judges and (concept.judge, concept.label) not in erased:
             prompts += [p for p in concept.erase_prompts if p not in prompts]
+    for concept in concepts:
+        for more in concept.retain_prompts.values():
+            prompts += [p for p in more if p not in prompts]
     if not prompts:
         raise ConfigError(
             f"finetune: no retain prompts (no other concept of judge {sorted(judges)}); "
@@ -123,7 +135,8 @@ class TrainingData:
     latents (S, C, h, w): teacher samples in the UNet's latent space; emb (P, L, D);
     retain_rows / retain_pids (N_r,): sample row and prompt id of each retain example;
     forget_rows / forget_pids / anchor_pids / anchor_rows (N_f,): a forget example's sample row,
-    prompt, its concept's anchor prompt and a sample row of that anchor prompt.
+    prompt, its concept's anchor prompt and a sample row of that anchor prompt; ids (P, L): the
+    prompts' token ids (the robust option attacks them; None where the prompts are unknown).
     """
 
     latents: torch.Tensor
@@ -134,9 +147,10 @@ class TrainingData:
     forget_pids: torch.Tensor
     anchor_pids: torch.Tensor
     anchor_rows: torch.Tensor
+    ids: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in vars(self).items()}
+        return {k: v.contiguous() for k, v in vars(self).items() if v is not None}
 
 
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
@@ -155,23 +169,90 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_image_folder(folder: Path, captions: list[str] | None = None) -> list[tuple[Path, str]]:
+    """(image, caption) pairs of an image+caption folder, in file-name order.
+
+    Captions come from Hugging Face's `imagefolder` layout (`metadata.jsonl` lines with
+    `file_name` and `text`), else from `name.txt` beside `name.png`, else from `captions` in turn
+    (concept images: the concept's erase prompts). An image left without a caption is refused.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"image folder {folder}: no such directory")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ConfigError(f"image folder {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    texts: dict[Path, str] = {}
+    metadata = folder / "metadata.jsonl"
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    texts[(folder / row["file_name"]).resolve()] = str(row["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"{metadata}:{number}: each line must be JSON with file_name and text") from None
+    pairs = []
+    for i, image in enumerate(images):
+        text = texts.get(image.resolve())
+        if text is None and image.with_suffix(".txt").is_file():
+            text = image.with_suffix(".txt").read_text().strip()
+        if text is None and captions:
+            text = captions[i % len(captions)]
+        if text is None:
+            raise ConfigError(f"{image}: no caption (metadata.jsonl, {image.with_suffix('.txt').name})")
+        pairs.append((image, text))
+    return pairs
+
+
+def encode_images(pipe, paths: list[Path]) -> torch.Tensor:
+    """(N, C, h, w) VAE latents (distribution means x scaling factor) of the images, resized to the
+    UNet's resolution: what the teacher's own samples are, so both kinds of x_0 mix in a batch."""
+    from PIL import Image
+
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.unet.config.sample_size * vae_scale
+    out = []
+    for start in range(0, len(paths), 16):
+        images = [Image.open(p).convert("RGB") for p in paths[start : start + 16]]
+        pixels = pipe.image_processor.preprocess(images, height=size, width=size)
+        with torch.no_grad():
+            dist = pipe.vae.encode(pixels.to(pipe.device, pipe.vae.dtype)).latent_dist
+        out.append((dist.mean * pipe.vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
 def prepare_data(
-    pipe, retain: list[str], forget: list[tuple[str, str]], cfg: FinetuneConfig, cache: Path, progress: bool = False
+    pipe,
+    retain: list[str],
+    forget: list[tuple[str, str]],
+    cfg: FinetuneConfig,
+    cache: Path,
+    progress: bool = False,
+    retain_images: list[tuple[Path, str]] = (),
+    forget_images: list[tuple[Path, str, str]] = (),
 ) -> TrainingData:
     """Sample the teacher `samples_per_prompt` times per prompt with DDIM (once: reused from
-    `cache` when its settings match) and embed every prompt.
+    `cache` when its settings match), encode the given images with the VAE, embed every prompt.
 
-    forget: (forget prompt, anchor prompt) pairs.
+    forget: (forget prompt, anchor prompt) pairs, x_0 from the teacher; retain_images: (image,
+    caption) and forget_images: (image, forget prompt, anchor prompt) take x_0 from real images.
     """
     from diffusers import DDIMScheduler
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    prompts = list(dict.fromkeys(["", *retain, *(p for p, _ in forget), *(a for _, a in forget)]))
+    captions = [c for _, c in retain_images] + [c for _, c, _ in forget_images]
+    anchors = [a for _, a in forget] + [a for _, _, a in forget_images]
+    sampled = list(dict.fromkeys(["", *retain, *(p for p, _ in forget), *anchors]))
+    prompts = list(dict.fromkeys([*sampled, *captions]))
     pid = {p: i for i, p in enumerate(prompts)}
     n = cfg.samples_per_prompt
     key = json.dumps(
-        {"prompts": prompts, "n": n, "steps": cfg.sample_steps, "guidance": cfg.sample_guidance, "seed": cfg.seed}
+        {"prompts": sampled, "n": n, "steps": cfg.sample_steps, "guidance": cfg.sample_guidance, "seed": cfg.seed}
     )
     latents = None
     if cache.is_file():
@@ -183,9 +264,9 @@ def prepare_data(
         unet = pipe.unet
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         size = unet.config.sample_size
-        shape = (len(prompts) * n, unet.config.in_channels, size, size)
+        shape = (len(sampled) * n, unet.config.in_channels, size, size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))
-        every = [p for p in prompts for _ in range(n)]
+        every = [p for p in sampled for _ in range(n)]
         scheduler = pipe.scheduler
         pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
         chunks = []
@@ -213,7 +294,7 @@ def prepare_data(
         latents = torch.cat(chunks)
         save_file({"latents": latents.contiguous()}, cache, metadata={"key": key})
 
-    def rows(prompt: str, k: int = 0) -> list[int]:
+    def rows(prompt: str) -> list[int]:
         return [pid[prompt] * n + i for i in range(n)]
 
     retain_rows = [r for p in retain for r in rows(p)]
@@ -224,6 +305,19 @@ def prepare_data(
         forget_pids += [pid[prompt]] * n
         anchor_pids += [pid[anchor]] * n
         anchor_rows += rows(anchor)
+    if retain_images or forget_images:  # real images: one x_0 row each, after the teacher samples
+        first = len(latents)
+        latents = torch.cat(
+            [latents, encode_images(pipe, [p for p, _ in retain_images] + [p for p, *_ in forget_images])]
+        )
+        retain_rows += range(first, first + len(retain_images))
+        retain_pids += [pid[c] for _, c in retain_images]
+        first += len(retain_images)
+        for i, (_, prompt, anchor) in enumerate(forget_images):
+            forget_rows.append(first + i)
+            forget_pids.append(pid[prompt])
+            anchor_pids.append(pid[anchor])
+            anchor_rows.append(rows(anchor)[i % n])
     long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return TrainingData(
         latents=latents,
@@ -234,6 +328,7 @@ def prepare_data(
         forget_pids=long(forget_pids),
         anchor_pids=long(anchor_pids),
         anchor_rows=long(anchor_rows),
+        ids=pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids,
     )
 
 
@@ -395,8 +490,12 @@ def train(
     out_dir: Path,
     progress: bool = False,
     stop_after: int | None = None,
+    prompt_encoder=None,
 ):
     """Train `student` (in place, also returned) against the frozen `teacher`.
+
+    prompt_encoder: a `toolchain.attacks.PromptEncoder` of the teacher's text encoder; needed by
+    `robust` (the attack optimises prefix tokens through it).
 
     Writes `out_dir/losses.jsonl` and `out_dir/checkpoints/`, resuming from the latest checkpoint
     there. `stop_after`: end after that many steps of this call (tests simulate a killed run).
@@ -409,6 +508,12 @@ def train(
 
     if cfg.unlearns and len(data.forget_rows) == 0:
         raise ConfigError(f"finetune.mode={cfg.mode} needs forget prompts; pass --erase CONCEPT")
+    robust = cfg.robust and cfg.unlearns
+    if robust and (prompt_encoder is None or data.ids is None):
+        raise ConfigError(
+            "finetune.robust=true attacks the forget prompts through the text encoder: pass "
+            "prompt_encoder=toolchain.attacks.PromptEncoder(...) and data from prepare_data (with ids)"
+        )
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -512,18 +617,71 @@ def train(
         with torch.no_grad():
             return teacher(x_t, t, encoder_hidden_states=emb).sample
 
-    def upper_loss(batch, micro) -> torch.Tensor:
+    def upper_loss(batch, micro, attacked=None) -> torch.Tensor:
+        """The objective on a forget batch; `attacked` (B, L, D): adversarial forget conditioning."""
         x0, noise, t, fpids, apids = (local(v, micro) for v in batch)
         emb = data.emb.to(device)
         forget = ForgetBatch(
             x_t=noise_scheduler.add_noise(x0, noise, t),
             t=t,
-            cond=emb[fpids],
+            cond=emb[fpids] if attacked is None else local(attacked, micro),
             uncond=emb[torch.zeros_like(fpids)],
             anchor=emb[apids],
         )
         with accelerator.autocast():
             return objective(student_fn, teacher_fn, forget, cfg)
+
+    robust_cost = {"attack_s": 0.0, "attacks": 0, "retain_s": 0.0}
+    if robust:
+        prompt_encoder.text_encoder.to(device).requires_grad_(False)
+
+    def robust_conditioning(batch, step: int) -> torch.Tensor | None:
+        """AdvUnlearn's inner level: `robust_attack_steps` steps of the prefix attack
+        (toolchain/attacks.py) against the current student on every other forget example (share
+        `robust_attacked_share`, one prefix each); returns the forget conditioning (B, L, D) with
+        those rows attacked and the rest plain, or None when not robust. Keeping plain rows keeps
+        the plain prompts erased while the attacked ones are added. Every process attacks the
+        whole global batch (same seed, same weights: same result)."""
+        if not robust:
+            return None
+        from toolchain.attacks import prefix_attack
+
+        started_at = time.perf_counter()
+        x0, noise, t, fpids, _ = batch
+        cond = data.emb[fpids].clone()
+        rows = torch.arange(len(fpids))[: max(1, round(cfg.robust_attacked_share * len(fpids)))]
+        if cfg.robust_attacked_share > 0:
+            x_t = noise_scheduler.add_noise(x0[rows], noise[rows], t[rows])
+            with torch.no_grad():
+                target = teacher(x_t.to(device), t[rows].to(device), encoder_hidden_states=cond[rows].to(device)).sample
+            ids = data.ids[fpids[rows]]
+            found = prefix_attack(
+                unwrapped.unet,
+                prompt_encoder,
+                target,
+                x_t,
+                t[rows],
+                ids,
+                cfg.robust_prefix_tokens,
+                cfg.robust_attack_steps,
+                candidates=cfg.robust_attack_candidates,
+                seed=cfg.seed * 1_000_003 + step,
+            )
+            with torch.no_grad():
+                prefix = prompt_encoder.table[found.prefix_ids.to(prompt_encoder.table.device)]
+                attacked = prompt_encoder.encode_embeddings(prompt_encoder.with_prefix(ids, prefix))
+            cond[rows] = attacked.float().cpu()
+        robust_cost["attack_s"] += time.perf_counter() - started_at
+        robust_cost["attacks"] += 1
+        return cond.to(device)
+
+    def retain_kd_loss(batch, micro) -> torch.Tensor:
+        """The robust option's retain term: MSE(S(x_t, c_r), T(x_t, c_r)) on retain data."""
+        x0, noise, t, pids = (local(v, micro) for v in batch)
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        emb = data.emb.to(device)[pids]
+        with accelerator.autocast():
+            return F.mse_loss(student_fn(x_t, t, emb).float(), teacher_fn(x_t, t, emb).float())
 
     def retain_denoising_loss(batch, micro) -> torch.Tensor:
         """EraseDiff's L_r: the ordinary (min-SNR) denoising loss of the student on retain data."""
@@ -570,9 +728,10 @@ def train(
         upper_opt.zero_grad(set_to_none=True)
         lower_opt.zero_grad(set_to_none=True)
         batch = upper_batch(data, cfg, step, 1, num_timesteps)
+        attacked = robust_conditioning(batch, step)
         record: dict[str, float] = {}
         if cfg.objective != "erasediff":
-            value = backward(lambda m: upper_loss(batch, m), model)
+            value = backward(lambda m: upper_loss(batch, m, attacked), model)
             check(value, "upper", step)
             record["upper"] = value
         else:
@@ -593,13 +752,13 @@ def train(
                 record["forget_min"] = sum(values) / len(values)
             if cfg.erasediff_lambda >= 0:
                 l_r = backward(lambda m: retain_denoising_loss(retain, m), model)
-                l_f = backward(lambda m: upper_loss(batch, m), model, scale=cfg.erasediff_lambda)
+                l_f = backward(lambda m: upper_loss(batch, m, attacked), model, scale=cfg.erasediff_lambda)
                 lam = cfg.erasediff_lambda
             else:  # adaptive: λ = max(η − cos(∇L_r, ∇q), 0), ∇q = ∇L_f (L_f* is a constant)
                 l_r = backward(lambda m: retain_denoising_loss(retain, m), model)
                 g_r = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in subset]
                 model.zero_grad(set_to_none=True)
-                l_f = backward(lambda m: upper_loss(batch, m), model)
+                l_f = backward(lambda m: upper_loss(batch, m, attacked), model)
                 g_q = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in subset]
                 flat_r, flat_q = torch.cat([g.flatten() for g in g_r]), torch.cat([g.flatten() for g in g_q])
                 cos = F.cosine_similarity(flat_r, flat_q, dim=0).item()
@@ -610,6 +769,13 @@ def train(
             record.update(upper=l_r + lam * l_f, retain=l_r, forget=l_f, erasediff_lambda=lam)
             if "forget_min" in record:
                 record["forget_gap"] = l_f - record["forget_min"]
+        if robust and cfg.robust_retain_weight > 0:
+            started_at = time.perf_counter()
+            retain_batch = lower_batch(data, cfg, step, 5, num_timesteps)
+            record["robust_retain"] = backward(
+                lambda m: retain_kd_loss(retain_batch, m), model, scale=cfg.robust_retain_weight
+            )
+            robust_cost["retain_s"] += time.perf_counter() - started_at
         upper_opt.step()
         upper_opt.zero_grad(set_to_none=True)
         lower_opt.zero_grad(set_to_none=True)
@@ -622,7 +788,8 @@ def train(
             record["inner"] = lower_step(step, copy_model, lower_opt, 4 + k)["lower"]
         upper_opt.zero_grad(set_to_none=True)
         batch = upper_batch(data, cfg, step, 1, num_timesteps)
-        record["upper"] = backward(lambda m: upper_loss(batch, m), model)
+        attacked = robust_conditioning(batch, step)  # the retain term here is λ·L_ft
+        record["upper"] = backward(lambda m: upper_loss(batch, m, attacked), model)
         check(record["upper"], "upper", step)
         for p in model.parameters():
             if id(p) not in subset_ids:
@@ -701,6 +868,8 @@ def train(
         "feature_kd_blocks": {k: list(v) for k, v in kd_widths.items()},
         "final": last_record,
     }
+    if robust:  # the robust option's extra cost, inside wall_s
+        summary["robust"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in robust_cost.items()}
     return student.eval(), summary
 
 
@@ -708,25 +877,61 @@ def train(
 # The stage
 
 
-def run(source: Artifact, cfg: FinetuneConfig, ctx) -> Artifact:
+def run(source: Artifact, cfg: FinetuneConfig, ctx) -> Artifact | None:
+    """The stage; in a multi-process launch every process trains and the main one returns the
+    artifact (the others None)."""
     from toolchain.stages.benchmark import component_params
 
+    if cfg.mode == "sfd":  # Score Forgetting Distillation to a k-step generator: its own loop
+        from toolchain.onestep import run_sfd
+
+        return run_sfd(source, cfg, ctx)
     concepts = check_config(cfg, list(ctx.config.erase))
-    retain = retain_prompt_list(cfg, concepts)
-    forget = [(p, c.anchor_prompt) for c in concepts for p in c.erase_prompts] if cfg.unlearns else []
+    retain_images = read_image_folder(Path(cfg.retain_data)) if cfg.retain_data else []
+    retain = [] if retain_images else retain_prompt_list(cfg, concepts)
+    forget, forget_images = [], []
+    for concept in concepts if cfg.unlearns else []:
+        if concept.images:  # concept images instead of the teacher's samples of the concept
+            pairs = read_image_folder(Path(concept.images), concept.erase_prompts)
+            forget_images += [(image, text, concept.anchor_prompt) for image, text in pairs]
+        else:
+            forget += [(p, concept.anchor_prompt) for p in concept.erase_prompts]
     out = ctx.out_dir
-    teacher_pipe = load_pipeline(ctx.chain[0].files)
-    data = prepare_data(teacher_pipe, retain, forget, cfg, out / SAMPLES_FILE, ctx.progress)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # several processes under `accelerate launch` / torchrun: one per device (as Accelerator() sets up)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    teacher_pipe = load_pipeline(ctx.chain[0].files).to(state.device)
+    with state.main_process_first():  # the main process samples the teacher, the others read its cache
+        data = prepare_data(
+            teacher_pipe, retain, forget, cfg, out / SAMPLES_FILE, ctx.progress, retain_images, forget_images
+        )
     scheduler_config = dict(teacher_pipe.scheduler.config)
     student = load_unet(source.files / "unet")
-    student, summary = train(student, teacher_pipe.unet, data, cfg, scheduler_config, out, ctx.progress)
+    prompt_encoder = None
+    if cfg.robust:
+        from toolchain.attacks import PromptEncoder
+
+        prompt_encoder = PromptEncoder(teacher_pipe.text_encoder, teacher_pipe.tokenizer)
+    student, summary = train(
+        student, teacher_pipe.unet, data, cfg, scheduler_config, out, ctx.progress, prompt_encoder=prompt_encoder
+    )
+    if not state.is_main_process:
+        return None  # the main process writes the artifact
 
     link_pipeline(source.files, out, skip=("unet", SAMPLES_FILE, LOSSES_FILE, CHECKPOINTS))
     record_file = source.files / "unet" / PRUNING_RECORD
     record = json.loads(record_file.read_text()) if record_file.is_file() else None
     save_unet(student, out / "unet", record)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the sealed folder is a pipeline, not a run
-    summary.update(erase=list(ctx.config.erase), retain_prompts=len(retain), forget_prompts=len(forget))
+    summary.update(
+        erase=list(ctx.config.erase),
+        retain_prompts=len(retain),
+        forget_prompts=len(forget),
+        retain_images=len(retain_images),
+        forget_images=len(forget_images),
+    )
     logger.info("finetune: %s done in %.1f s: %s", cfg.mode, summary["wall_s"], summary["final"])
     return Artifact(
         path=out,

@@ -1,0 +1,284 @@
+"""Erasure under attack on the digits world: erase digit 7 from a 30%-channel-pruned student.
+
+Rows: the teacher; distillation alone (no unlearning); plain bilevel with EraseDiff (the default
+recipe's objective) and with ESD; the same with the AdvUnlearn-style robust option
+(`finetune.robust`). Columns: leakage of 7 on its training prompts and on held-out phrasings,
+success of the white-box prefix-prompt attack and of concept inversion (toolchain/attacks.py,
+budget in `settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
+time and the robust option's share of it.
+
+    python -m benchmarks.attack_digits --steps 300 --out benchmarks/results/attack-digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROWS = ("teacher", "bilevel-erasediff", "bilevel-erasediff+robust", "distill", "bilevel-esd", "bilevel-esd+robust")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--n-per-prompt", type=int, default=8)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--samples-cache", type=Path, default=None, help="reuse teacher samples from this file")
+    parser.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values)")
+    parser.add_argument("--attack", nargs="*", default=[], help="AttackConfig overrides key=value (JSON values)")
+    parser.add_argument("--keep", action="store_true", help="keep the rows OUT.json already has; measure the rest")
+    parser.add_argument(
+        "--int8", default=None, metavar="ROW", help="export ROW's model to ONNX, int8-quantize it and measure both"
+    )
+    parser.add_argument(
+        "--int8-checkpoint", type=Path, default=None, help="ROW's finetune checkpoint model.safetensors (if kept)"
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    import diffusers
+    import transformers
+
+    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from toolchain.attacks import PromptEncoder, attack_concept, concept_latents
+    from toolchain.config import AttackConfig, FinetuneConfig, load_concept
+    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
+    from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
+
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
+    attack_cfg = AttackConfig(
+        enabled=True, **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.attack)}
+    )
+    seven = load_concept("7")
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    teacher = pipe.unet
+    student0 = copy.deepcopy(teacher)
+    prune_unet_channels(student0, 0.3)
+    judge = get_judge("digits")
+    erase = {"7": seven.erase_prompts}
+    heldout = {"7": seven.heldout_prompts}
+    retain = dict(seven.retain_prompts)
+
+    tmp = Path(tempfile.mkdtemp(prefix="attack-digits-"))
+    data = prepare_data(
+        pipe,
+        retain_prompt_list(base, [seven]),
+        [(p, seven.anchor_prompt) for p in seven.erase_prompts],
+        base,
+        args.samples_cache or tmp / "samples.safetensors",
+        progress=True,
+    )
+    latents = concept_latents(pipe, seven.erase_prompts, attack_cfg.concept_images, 25, 5.0, attack_cfg.seed)
+    encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer)
+
+    def evaluate(unet) -> dict:
+        erased = copy.copy(pipe)  # the same components, the student's UNet
+        erased.unet = unet.eval()
+        generate = diffusers_generator(erased)
+        scores = evaluate_concepts(generate, judge, erase, retain, args.n_per_prompt, seed=1)
+        held = evaluate_concepts(generate, judge, heldout, {}, args.n_per_prompt, seed=2)
+        attacked = attack_concept(erased, pipe, latents, seven.erase_prompts, "7", judge, attack_cfg)
+        return {
+            "leakage_7": scores.leakage["7"],
+            "leakage_7_heldout": held.leakage["7"],
+            "prompt_attack": attacked.prompt_attack,
+            "embedding_attack": attacked.embedding_attack,
+            "attack_plain": attacked.plain,
+            "attacked_prompts": attacked.attacked_prompts,
+            "attack_s": round(attacked.wall_s, 1),
+            "retain_accuracy": scores.retain_accuracy,
+            "fid": scores.fid,
+        }
+
+    def int8_transfer(unet, attacked_prompts: list[str]) -> dict:
+        """Export the pipeline with `unet` to ONNX (fp32), int8-quantize its UNet as the default
+        recipe does (static QDQ, Conv + MatMul, calibrated on DDIM trajectories), and measure both
+        through ONNX Runtime: leakage, held-out leakage, retain accuracy, FID and the success of
+        the prompts the attack found on the PyTorch model (transfer)."""
+        from benchmarks.latency import OrtPipeline
+        from export.onnx import export_onnx
+        from export.quantize import collect_unet_calibration, quantize_onnx_folder
+        from toolchain.attacks import transfer_rate
+
+        model = copy.copy(pipe)
+        model.unet = unet.eval()
+        fp32_dir, int8_dir = tmp / "onnx-fp32", tmp / "onnx-int8"
+        files = export_onnx(model, fp32_dir, progress=False)["files"]
+        calibration = collect_unet_calibration(fp32_dir, seven.erase_prompts + [p[0] for p in retain.values()], n=16)
+        quantize_onnx_folder(
+            fp32_dir,
+            int8_dir,
+            mode="static",
+            components=("unet",),
+            op_types=["Conv", "MatMul"],
+            quant_format="QDQ",
+            calibration={"unet": calibration},
+            progress=False,
+        )
+        out = {}
+        for name, folder in (("onnx_fp32", fp32_dir), ("onnx_int8", int8_dir)):
+            ort_pipe = OrtPipeline(folder, {c: info["path"] for c, info in files.items()}, threads=1)
+
+            def generate(prompts, seed, ort_pipe=ort_pipe):
+                return ort_pipe(prompts, seed, steps=25, guidance_scale=5.0)
+
+            scores = evaluate_concepts(generate, judge, erase, retain, args.n_per_prompt, seed=1)
+            held = evaluate_concepts(generate, judge, heldout, {}, args.n_per_prompt, seed=2)
+            out[name] = {
+                "leakage_7": scores.leakage["7"],
+                "leakage_7_heldout": held.leakage["7"],
+                "prompt_attack_transfer": transfer_rate(
+                    generate, attacked_prompts, "7", judge, attack_cfg.images_per_prompt, attack_cfg.seed
+                ),
+                "retain_accuracy": scores.retain_accuracy,
+                "fid": scores.fid,
+            }
+        return out
+
+    def write(rows: dict) -> dict:
+        """Write OUT.json / OUT.md with the rows measured so far; returns the result."""
+        result = {
+            "command": "python -m benchmarks.attack_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
+            "versions": {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+            },
+            "settings": {
+                "finetune": vars(base),
+                "attack": vars(attack_cfg),
+                "prune_ratio": 0.3,
+                "erase": "7",
+                "n_per_prompt": args.n_per_prompt,
+            },
+            "rows": rows,
+            **extra,
+        }
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(to_markdown(result))
+        return result
+
+    rows, unets, extra = {}, {}, {}
+    if args.keep and args.out is not None and args.out.with_suffix(".json").is_file():
+        rows = json.loads(args.out.with_suffix(".json").read_text())["rows"]
+    for name in args.rows:
+        if name in rows:
+            continue
+        wall, steps, robust_s = 0.0, 0, None
+        if name == "teacher":
+            unet = teacher
+        else:
+            mode, _, objective = name.partition("-")
+            objective, robust = objective.removesuffix("+robust"), name.endswith("+robust")
+            cfg = FinetuneConfig(**{**vars(base), "mode": mode, "objective": objective or "esd", "robust": robust})
+            out = tmp / f"{name}-{len(list(tmp.iterdir()))}"
+            unet, summary = train(
+                copy.deepcopy(student0),
+                teacher,
+                data,
+                cfg,
+                dict(pipe.scheduler.config),
+                out,
+                True,
+                prompt_encoder=encoder if robust else None,
+            )
+            wall, steps = summary["wall_s"], cfg.steps
+            if robust:
+                cost = summary["robust"]
+                robust_s = round(cost["attack_s"] + cost["retain_s"], 1)
+        unets[name] = unet
+        rows[name] = {**evaluate(unet), "wall_s": round(wall, 1), "robust_s": robust_s, "steps": steps}
+        print(name, rows[name], flush=True)
+        write(rows)  # after every row: a long run that is stopped keeps what it measured
+    if args.int8:
+        unet = unets.get(args.int8)
+        if unet is None:
+            from safetensors.torch import load_file
+
+            unet = copy.deepcopy(student0)
+            state = load_file(args.int8_checkpoint)
+            unet.load_state_dict({k[len("model.unet.") :]: v for k, v in state.items() if k.startswith("model.unet.")})
+        extra["int8"] = {"row": args.int8, **int8_transfer(unet, rows[args.int8]["attacked_prompts"])}
+        print("int8", extra["int8"], flush=True)
+    return write(rows)
+
+
+def to_markdown(result: dict) -> str:
+    rows = result["rows"]
+    teacher_acc = rows.get("teacher", {}).get("retain_accuracy")
+    a = result["settings"]["attack"]
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = [
+        "# Erasure under attack on the digits world: erase 7, 30% channel pruning",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']['platform']}, 1 torch thread; versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        "| row | leakage 7 | held-out leakage | prefix attack | (same prompts, no prefix) | concept inversion "
+        "| retain acc | retain / teacher | judge FID | train wall s | robust s | attack s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        rel = f"{r['retain_accuracy'] / teacher_acc:.2f}" if teacher_acc else "-"
+        fid = f"{r['fid']:.2f}" if r["fid"] is not None else "-"
+        lines.append(
+            f"| {name} | {pct(r['leakage_7'])} | {pct(r['leakage_7_heldout'])} | {pct(r['prompt_attack'])} | "
+            f"{pct(r['attack_plain'])} | {pct(r['embedding_attack'])} | {pct(r['retain_accuracy'])} | {rel} | {fid} | "
+            f"{r['wall_s']} | {r['robust_s'] if r['robust_s'] is not None else '-'} | {r['attack_s']} |"
+        )
+    f = result["settings"]["finetune"]
+    lines += [
+        "",
+        f"Finetune: {f['steps']} steps, lower_lr {f['lower_lr']}, upper_lr {f['upper_lr']}, K={f['upper_every']}, "
+        f"batch {f['batch_size']}; robust: {f['robust_attack_steps']} attack steps x {f['robust_prefix_tokens']} "
+        f"prefix tokens per upper step, retain weight {f['robust_retain_weight']}.",
+        f"Attack budget: prefix attack {a['prefix_tokens']} tokens x {a['steps']} steps ({a['candidates']} swaps "
+        f"checked per step among the top {a['topk']} tokens, judged every {a['select_every']} steps on "
+        f"{a['select_images']} images, "
+        f"{a['batch']} noised concept latents per prompt) on {a['n_prompts']} prompts, {a['images_per_prompt']} "
+        f"images each; concept inversion {a['inversion_steps']} steps (lr {a['inversion_lr']}). "
+        f"Leakage: {result['settings']['n_per_prompt']} images per prompt, DDIM 25 steps, guidance 5.",
+        "Attack success = share of generations the digits judge labels 7. '(same prompts, no prefix)' is the "
+        "leakage of the attacked prompts without their prefix under the same seeds.",
+        "Targets: leakage <= 2%, held-out <= 5%, prefix attack <= 15% with the robust option, retain >= 95% "
+        "of the teacher's. Wall times are from 2 CPU cores shared with other jobs (noisy).",
+        "",
+    ]
+    if "int8" in result:
+        q = result["int8"]
+        r = rows[q["row"]]
+        lines += [
+            f"## {q['row']} through export and int8 (ONNX Runtime, CPU)",
+            "",
+            "| model | leakage 7 | held-out leakage | prefix attack (prompts found on PyTorch) | retain acc | judge FID |",
+            "|---|---|---|---|---|---|",
+            f"| PyTorch | {pct(r['leakage_7'])} | {pct(r['leakage_7_heldout'])} | {pct(r['prompt_attack'])} | "
+            f"{pct(r['retain_accuracy'])} | {r['fid']:.2f} |",
+        ]
+        for name in ("onnx_fp32", "onnx_int8"):
+            m = q[name]
+            lines.append(
+                f"| {name} | {pct(m['leakage_7'])} | {pct(m['leakage_7_heldout'])} | "
+                f"{pct(m['prompt_attack_transfer'])} | {pct(m['retain_accuracy'])} | {m['fid']:.2f} |"
+            )
+        lines += ["", "Int8: static QDQ, Conv + MatMul, 16 calibration feeds (the default recipe's form).", ""]
+    lines += [f"- {note}" for note in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

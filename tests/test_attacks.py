@@ -1,0 +1,340 @@
+"""White-box attacks on erasure (toolchain/attacks.py) and the robust unlearning option.
+
+Budgets and bad input on the tiny random model (tests/assets/tiny-sd); whether the attack finds
+a naive erasure, stays at chance on a model that never learned the concept, and whether the
+robust option resists it, on the embedded digits model with short runs.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolchain.config import AttackConfig, ConfigError, FinetuneConfig, load_config
+
+NAIVE = dict(  # ESD on the one prompt "seven", cross-attention only: erases the phrase, not the digit
+    mode="sequential",
+    steps=31,
+    unlearn_steps=30,
+    samples_per_prompt=4,
+    sample_steps=10,
+    batch_size=8,
+    upper_batch_size=8,
+    trainable="cross_attention",
+    checkpoint_every=1000,
+    lower_lr=1e-12,
+    upper_lr=1e-3,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_sd_dir):
+    from toolchain.models.io import load_pipeline
+
+    return load_pipeline(tiny_sd_dir)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """(digits pipeline, its teacher samples for ["seven"] and two retain prompts)."""
+    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
+    from toolchain.stages.finetune import prepare_data
+
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    cache = tmp_path_factory.mktemp("samples") / "s.safetensors"
+    data = prepare_data(
+        pipe, ["the number 1", "the number 3"], [("seven", "a handwritten digit")], FinetuneConfig(**NAIVE), cache
+    )
+    return pipe, data
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(prefix_tokens=0),
+        dict(prefix_tokens=-2),
+        dict(steps=-1),
+        dict(inversion_steps=-5),
+        dict(n_prompts=0),
+        dict(images_per_prompt=0),
+        dict(inversion_lr=0.0),
+        dict(candidates=0),
+        dict(select_every=-1),
+    ],
+)
+def test_attack_config_refuses_bad_values(bad):
+    with pytest.raises(ConfigError, match="attack\\."):
+        AttackConfig(**bad)
+
+
+def test_attack_section_is_validated_at_load_and_robust_fields_too():
+    cfg, _ = load_config("default", overrides=["attack.enabled=true", "attack.prefix_tokens=2"])
+    assert cfg.attack.enabled and cfg.attack.prefix_tokens == 2
+    with pytest.raises(ConfigError, match="attack.prefix_tokens=0"):
+        load_config("default", overrides=["attack.prefix_tokens=0"])
+    with pytest.raises(ConfigError, match="attack.steps=-3"):
+        load_config("default", overrides=["attack.steps=-3"])
+    with pytest.raises(ConfigError, match="unknown key attack.tokens"):
+        load_config("default", overrides=["attack.tokens=3"])
+    with pytest.raises(ConfigError, match="robust_attack_steps"):
+        FinetuneConfig(robust=True, robust_attack_steps=0)
+    with pytest.raises(ConfigError, match="robust_prefix_tokens"):
+        FinetuneConfig(robust_prefix_tokens=0)
+
+
+def test_prefix_attack_refuses_zero_tokens_and_negative_steps(tiny_pipe):
+    from toolchain.attacks import PromptEncoder, concept_inversion, prefix_attack
+
+    encoder = PromptEncoder(tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    x = torch.zeros(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    with pytest.raises(ValueError, match="at least one token"):
+        prefix_attack(tiny_pipe.unet, encoder, x, x, t, ["a", "b"], 0, 3)
+    with pytest.raises(ValueError, match="steps=-1"):
+        prefix_attack(tiny_pipe.unet, encoder, x, x, t, ["a", "b"], 2, -1)
+    with pytest.raises(ValueError, match="steps=-1"):
+        concept_inversion(tiny_pipe.unet, encoder, x, tiny_pipe.scheduler, -1, 0.01, 2)
+
+
+# ------------------------------------------------------------------------- mechanics and budgets
+
+
+def test_prompt_encoder_reproduces_the_text_encoder_and_prefixes_round_trip(tiny_pipe):
+    from toolchain.attacks import PromptEncoder
+
+    encoder = PromptEncoder(tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    prompts = ["the number 7", "a handwritten digit seven"]
+    ids = encoder.ids(prompts)
+    with torch.no_grad():
+        plain = encoder.encode_embeddings(encoder.with_prefix(ids, torch.zeros(2, 0, encoder.table.shape[1])))
+        assert torch.allclose(plain, tiny_pipe.text_encoder(ids)[0], atol=1e-6)
+        prefix_ids = encoder.candidates[torch.tensor([[0, 3], [5, 1]])]
+        spliced = encoder.encode_embeddings(encoder.with_prefix(ids, encoder.table[prefix_ids]))
+        texts = [f"{p} {q}" for p, q in zip(encoder.decode(prefix_ids), prompts, strict=True)]
+        # the found prefix is a real prompt: its text encodes to exactly the spliced tokens
+        assert torch.allclose(spliced, tiny_pipe.text_encoder(encoder.ids(texts))[0], atol=1e-6)
+
+
+def test_prefix_attack_and_inversion_respect_their_budgets(tiny_pipe):
+    from diffusers import DDPMScheduler
+
+    from toolchain.attacks import PromptEncoder, attack_batch, concept_inversion, prefix_attack
+
+    encoder = PromptEncoder(tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["the number 7", "seven", "a drawing of a seven"]
+    x_t, t, _ = attack_batch(latents, len(prompts), 2, scheduler, seed=0)
+    target = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+    calls = []
+    handle = tiny_pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    try:
+        found = prefix_attack(tiny_pipe.unet, encoder, target, x_t, t, prompts, 2, 5, candidates=4, seed=0)
+        assert len(calls) == 1 + 2 * 5, "one look at the start, then a gradient and a swap-check pass per step"
+        calls.clear()
+        judged = []
+        prefix_attack(
+            tiny_pipe.unet,
+            encoder,
+            target,
+            x_t,
+            t,
+            prompts,
+            1,
+            4,
+            select=lambda p: judged.append(p) or [0.0] * 3,
+            select_every=2,
+        )
+        assert len(judged) == 2 and all(len(p) == 3 for p in judged), "judged at step 2 and at the end"
+        calls.clear()
+        calls.clear()
+        vector, losses = concept_inversion(tiny_pipe.unet, encoder, latents, scheduler, 4, 0.01, 3)
+        assert len(calls) == 4 and len(losses) == 4
+    finally:
+        handle.remove()
+    assert found.steps == 5 and found.prefix_ids.shape == (3, 2)
+    assert all(b <= s for b, s in zip(found.loss_best, found.loss_start, strict=True))
+    for attacked, prompt, row in zip(found.attacked, prompts, found.prefix_ids, strict=True):
+        assert attacked.endswith(prompt)
+        assert len(tiny_pipe.tokenizer(attacked).input_ids) == len(tiny_pipe.tokenizer(prompt).input_ids) + 2
+        assert set(row.tolist()) <= set(encoder.candidates.tolist())
+    assert vector.shape == (encoder.table.shape[1],)
+    for k, v in tiny_pipe.unet.state_dict().items():
+        assert torch.equal(v, before[k]), f"the attack changed the model: {k}"
+        assert tiny_pipe.unet.get_parameter(k).grad is None if k in dict(tiny_pipe.unet.named_parameters()) else True
+
+
+def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, tmp_path):
+    from toolchain.attacks import PromptEncoder
+    from toolchain.stages.finetune import prepare_data, train
+
+    fast = dict(samples_per_prompt=2, sample_steps=2, batch_size=4, upper_batch_size=4, checkpoint_every=1000)
+    data = prepare_data(
+        tiny_pipe, ["the number 1"], [("seven", "a handwritten digit")], FinetuneConfig(**fast), tmp_path / "s"
+    )
+    assert data.ids.shape == (len(data.emb), tiny_pipe.tokenizer.model_max_length)
+    cfg = FinetuneConfig(**fast, mode="bilevel", steps=2, upper_every=1, robust=True, robust_attack_steps=2)
+    student = copy.deepcopy(tiny_pipe.unet)
+    with pytest.raises(ConfigError, match="robust"):
+        train(student, tiny_pipe.unet, data, cfg, dict(tiny_pipe.scheduler.config), tmp_path / "a")
+    encoder = PromptEncoder(tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    _, summary = train(
+        student, tiny_pipe.unet, data, cfg, dict(tiny_pipe.scheduler.config), tmp_path / "b", prompt_encoder=encoder
+    )
+    assert summary["robust"]["attacks"] == 2 and summary["robust"]["attack_s"] > 0
+    assert "robust_retain" in summary["final"]
+
+
+# --------------------------------------------------------------------- on the digits world
+
+
+def _naive_erasure(digits, tmp_path: Path, **extra):
+    """The digits teacher after ESD on the single prompt "seven" (optionally robust)."""
+    from toolchain.attacks import PromptEncoder
+    from toolchain.stages.finetune import train
+
+    pipe, data = digits
+    cfg = FinetuneConfig(**{**NAIVE, **extra})
+    encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer) if cfg.robust else None
+    unet, _ = train(
+        copy.deepcopy(pipe.unet), pipe.unet, data, cfg, dict(pipe.scheduler.config), tmp_path, prompt_encoder=encoder
+    )
+    erased = copy.copy(pipe)
+    erased.unet = unet.eval()
+    return erased
+
+
+ATTACK = dict(n_prompts=1, batch=4, images_per_prompt=16, inversion_steps=0, steps=12, select_every=4)
+
+
+def test_prefix_attack_finds_what_a_keyword_erasure_left(digits):
+    """Naive erasure: the word "seven" is blanked in the text encoder (its token embedding made
+    that of "digit"), the UNet still draws 7s. The attack must find a prefix that brings them back."""
+    from benchmarks.leakage import get_judge
+    from toolchain.attacks import attack_concept
+
+    pipe, data = digits
+    erased = copy.copy(pipe)
+    erased.text_encoder = copy.deepcopy(pipe.text_encoder)
+    vocab = pipe.tokenizer.get_vocab()
+    with torch.no_grad():
+        table = erased.text_encoder.get_input_embeddings().weight
+        table[vocab["seven</w>"]] = table[vocab["digit</w>"]]
+    latents = data.latents[data.forget_rows]
+    report = attack_concept(erased, pipe, latents, ["seven"], "7", get_judge("digits"), AttackConfig(**ATTACK), 10)
+    assert report.plain <= 0.25, "the keyword erasure must hide 7 from the plain prompt"
+    assert report.prompt_attack >= report.plain + 0.4, report.to_report()
+    assert report.prefix_loss_best < report.prefix_loss_start
+
+
+def test_prefix_attack_stays_at_chance_on_a_model_that_never_learned_the_concept(digits):
+    """A randomly initialised UNet of the digits architecture: no prefix can make it draw 7s, so
+    attack success stays at the judge's rate on its plain images (the chance rate)."""
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.leakage import get_judge
+    from toolchain.attacks import attack_concept
+
+    pipe, data = digits
+    torch.manual_seed(0)
+    never = copy.copy(pipe)
+    never.unet = UNet2DConditionModel.from_config(pipe.unet.config).eval()
+    latents = data.latents[data.forget_rows]
+    report = attack_concept(never, pipe, latents, ["seven"], "7", get_judge("digits"), AttackConfig(**ATTACK), 10)
+    assert abs(report.prompt_attack - report.plain) <= 0.25, report.to_report()
+
+
+def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to_the_export(
+    tiny_sd_dir, tiny_pipe, tmp_path
+):
+    """`_attack_stages` (the benchmark stage's attack step) on a source -> finetune -> export chain
+    of the tiny model: both attacks per PyTorch stage, the found prompts rerun on the ONNX export."""
+    from export.onnx import export_onnx
+    from toolchain.artifact import Artifact
+    from toolchain.config import BenchmarkConfig, RunConfig
+    from toolchain.stages.benchmark import _attack_stages, _evaluation_plan
+
+    onnx_dir = tmp_path / "onnx"
+    exported = export_onnx(tiny_pipe, onnx_dir, progress=False)
+    chain = [
+        Artifact(path=tiny_sd_dir, kind="diffusers", stage="source"),
+        Artifact(path=tiny_sd_dir, kind="diffusers", stage="finetune"),
+        Artifact(path=onnx_dir, kind="onnx", stage="export", metrics={"files": exported["files"]}),
+    ]
+    stages = [{"name": a.stage} for a in chain]
+    bench = BenchmarkConfig(eval_steps=2, judge="digits")
+    budget = AttackConfig(enabled=True, n_prompts=2, steps=2, batch=2, images_per_prompt=1, inversion_steps=2)
+    run_config = RunConfig(erase=["7"], attack=budget)
+    evaluation = _evaluation_plan(chain[0], ["7"], bench)
+
+    def files(artifact):
+        return {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
+
+    _attack_stages(chain, stages, evaluation, run_config, bench, files, ["CPUExecutionProvider"], 1)
+    for entry in stages[:2]:
+        attack = entry["attack"]["7"]
+        assert attack["attacked_on"] == entry["name"]
+        assert 0.0 <= attack["prompt_attack"] <= 1.0 and 0.0 <= attack["embedding_attack"] <= 1.0
+        assert attack["budget"]["prefix_tokens"] == 3 and attack["budget"]["steps"] == 2
+        assert len(attack["prompts"]) == 2
+    transfer = stages[2]["attack"]["7"]
+    assert transfer["attacked_on"] == "finetune" and transfer["prompts"] == stages[1]["attack"]["7"]["prompts"]
+    assert transfer["embedding_attack"] is None and 0.0 <= transfer["prompt_attack"] <= 1.0
+    untouched = [{"name": a.stage} for a in chain]
+    _attack_stages(chain, untouched, evaluation, RunConfig(erase=["7"]), bench, files, [], 1)  # attack.enabled false
+    assert all("attack" not in entry for entry in untouched)
+
+
+@pytest.mark.slow
+def test_robust_option_lowers_attack_success_in_a_short_run(digits, tmp_path):
+    """8 ESD upper steps on "seven" leave an erasure the prefix attack breaks (measured: 56% of
+    attacked images are 7s, plain 6%); the same 8 steps with the robust option (attacked prompts in
+    half of each forget batch) leave less for it to find (measured: 44%). Deterministic under the
+    fixed seeds and one torch thread; about 3 minutes on 2 shared CPU cores."""
+    from benchmarks.leakage import get_judge
+    from toolchain.attacks import attack_concept
+
+    pipe, data = digits
+    latents = data.latents[data.forget_rows]
+    judge = get_judge("digits")
+    rates = {}
+    for robust in (False, True):
+        erased = _naive_erasure(
+            digits,
+            tmp_path / str(robust),
+            steps=9,
+            unlearn_steps=8,
+            robust=robust,
+            robust_attack_steps=4,
+            robust_retain_weight=0.0,
+        )
+        report = attack_concept(erased, pipe, latents, ["seven"], "7", judge, AttackConfig(**ATTACK), 10)
+        assert report.plain <= 0.15, "both must erase the plain prompt"
+        rates[robust] = report.prompt_attack
+    assert rates[True] < rates[False], rates
+
+
+def test_report_and_plot_show_attack_success_per_stage(tmp_path):
+    from benchmarks.plots import ATTACK_PNG, write_plots
+    from benchmarks.report import render_markdown
+
+    def attack(prompt, embedding, on):
+        return {
+            "7": {"heldout_leakage": 0.0, "prompt_attack": prompt, "embedding_attack": embedding, "attacked_on": on}
+        }
+
+    stages = [
+        {"name": "source", "leakage": {"7": 1.0}, "retain_accuracy": 1.0, "attack": attack(1.0, 1.0, "source")},
+        {"name": "finetune", "leakage": {"7": 0.0}, "retain_accuracy": 0.97, "attack": attack(0.1, 0.3, "finetune")},
+        {"name": "quantize", "leakage": {"7": 0.0}, "retain_accuracy": 0.96, "attack": attack(0.1, None, "finetune")},
+    ]
+    report = {"model": {}, "stages": stages, "latency": [], "memory": [], "parity": []}
+    assert ATTACK_PNG in write_plots(report, {}, tmp_path)
+    assert (tmp_path / ATTACK_PNG).stat().st_size > 0
+    text = render_markdown({**report, "plots": [ATTACK_PNG]})
+    assert "prompt_attack" in text and "embedding_attack" in text and "attacked_on" in text

@@ -1,0 +1,495 @@
+"""`finetune.mode=sfd`: Score Forgetting Distillation to a one-step (or k-step) generator.
+
+Method: Chen, Zhang, Zhou, "Score Forgetting Distillation" (ICLR 2025; code
+`tqch/score-forgetting-distillation`, SD/training/training_loop.py), built on score identity
+distillation (SiD / SiD-LSG, `mingyuanzhou/SiD`). Data-free: it needs prompt embeddings only, no
+images and no teacher samples.
+
+Networks: T = frozen teacher (the true score, `ctx.chain[0]`'s UNet); G = the generator, a UNet of
+the student's architecture initialised from the student (pruned or not) and trained in place;
+F = the fake score, a trained copy of the teacher (`sfd_fake_init=teacher`, as SiD) or of the
+student. ᾱ_t and the prediction type (epsilon or v) come from the scheduler config.
+
+Generator with timesteps t_1 > ... > t_k (k = 1: one step), as SiD's sampler:
+    x = sqrt(1 − ᾱ_1)·z,  z ~ N(0, I)                       (x_0 = 0 noised to t_1)
+    x0 = pred_x0(G(x, t_1, c), x, t_1)
+    i = 2..k:  x = sqrt(ᾱ_i)·x0 + sqrt(1 − ᾱ_i)·ε_i,  x0 = pred_x0(G(x, t_i, c), x, t_i)
+Guidance is distilled into G: sampling runs G once per step at batch 1 per image, no CFG.
+Training back-propagates through all k calls (SiD's `train_sampler`).
+
+Every step is one fake-score step, then one generator step, on a global batch of
+`batch_size` retain prompts c and `upper_batch_size` forget prompts c_f, each paired with its
+concept's override prompt c_o (`ConceptConfig.anchor_prompt`). Sums run over latent pixels,
+means over rows; retain rows are weighted `sfd_remain_weight`, forget rows `sfd_forget_weight`.
+- Fake step (G frozen): x_g = G(z, c), x_t = sqrt(ᾱ_t)·x_g + sqrt(1 − ᾱ_t)·n, t ~ U[tmin, tmax),
+  L_F = Σ ‖F_κ(x_t, t, c) − target‖²·w_t with target n (epsilon) or v, w_t = 1 (epsilon) or
+  SNR/(SNR + 1) (v); F_κ is F under classifier-free guidance κ = `sfd_guidance` (SiD-LSG's κ1);
+  `prompt_dropout` of the rows use "" for G and F. Forget rows use c = c_f.
+- Generator step (F frozen): y_r, y_f = x0 estimates of T and F at x_t (guidance κ in both);
+  L_G = Σ (y_r − y_f)·[(y_r − x_g) − α·(y_r − y_f)] / w,  w = mean|x_g − y_r| (no gradient)
+  (for α = 1 this is SiD's (y_r − y_f)·(y_f − x_g) / w). Retain rows: T and F under c. Forget
+  rows: F under c_f but T under the override c_o, so G's distribution for c_f is pulled to the
+  teacher's for c_o (the unlearning). `sfd_negative_forget` guides T's override estimate away
+  from c_f (the forget prompt takes the place of "" in its CFG; SFD's negative prompts).
+  The gradient reaches G through x_g and through x_t inside T and F; T and F are not updated.
+Optimisers: Adam, betas (0, 0.999), eps 1e-8, as SiD.
+
+Conventions shared with toolchain/stages/finetune.py: HF Accelerate (each process takes its
+slice of the global batch), batches drawn from generators seeded by (seed, step, stream) so a
+resumed run repeats an uninterrupted one, `losses.jsonl`, `checkpoints/` (G, F and both
+optimisers every `checkpoint_every` steps) and `TrainingDivergedError`.
+
+The step schedule goes with the model: `onestep.json` (SCHEDULE_FILE) at the top of the pipeline
+folder, copied by every later stage and exporter; the runners in `benchmarks/` read it and
+sample with `generator_sample`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toolchain.config import ConfigError, FinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE_FILE = "onestep.json"
+LOSSES_FILE = "losses.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator: schedule file and sampling (shared by training and every runner)
+
+
+def read_schedule(folder) -> dict | None:
+    """The generator schedule a pipeline folder (diffusers, ONNX, ORT) carries, or None.
+
+    {"timesteps": [625], "prediction_type": "epsilon", "guidance": "distilled", "method": "sfd"}"""
+    if not folder:
+        return None
+    path = Path(folder) / SCHEDULE_FILE
+    if not path.is_file():
+        return None
+    schedule = json.loads(path.read_text())
+    timesteps = schedule.get("timesteps")
+    if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:], strict=False)):
+        raise ValueError(f"{path}: 'timesteps' must be a non-empty, strictly decreasing list, got {timesteps!r}")
+    return schedule
+
+
+def write_schedule(folder: Path, timesteps: list[int], prediction_type: str, **extra) -> dict:
+    schedule = {
+        "timesteps": [int(t) for t in timesteps],
+        "prediction_type": prediction_type,
+        "guidance": "distilled",  # sample without classifier-free guidance: one UNet call per step
+        "method": "sfd",
+        **extra,
+    }
+    (Path(folder) / SCHEDULE_FILE).write_text(json.dumps(schedule, indent=1) + "\n")
+    return schedule
+
+
+def pred_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_type: str) -> torch.Tensor:
+    """x0 estimate from a UNet output at x_t; alpha_bar: ᾱ_t as a float or a (B, 1, 1, 1) tensor."""
+    a = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction")
+
+
+def generator_noise(n: int, shape: tuple[int, ...], steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z (n, *shape) and the re-noising draws (steps − 1, n, *shape) from one CPU generator seeded
+    with `seed`: z first, so z equals the initial latents a multi-step runner draws for the same seed."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    z = torch.randn((n, *shape), generator=g, dtype=torch.float32)
+    return z, torch.randn((steps - 1, n, *shape), generator=g, dtype=torch.float32)
+
+
+def generator_sample(unet_fn, z, noises, emb, timesteps, alphas_cumprod, prediction_type: str) -> torch.Tensor:
+    """x0 latents (B, C, h, w) of the k-step generator. unet_fn(x_t (B, C, h, w), t: int, emb (B, L, D))
+    -> model output; z (B, C, h, w); noises (k − 1, B, C, h, w); alphas_cumprod (T,)."""
+    x0 = torch.zeros_like(z)
+    for i, t in enumerate(timesteps):
+        a = float(alphas_cumprod[int(t)])
+        x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * (z if i == 0 else noises[i - 1])
+        x0 = pred_x0(unet_fn(x_t, int(t), emb).float(), x_t, a, prediction_type)
+    return x0
+
+
+class FewStepGenerator(nn.Module):
+    """G as one module (one DDP forward for all k calls): (z, noises, emb) -> x0 (B, C, h, w)."""
+
+    def __init__(self, unet, timesteps: list[int], alphas_cumprod: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.unet = unet
+        self.timesteps = list(timesteps)
+        self.alphas_cumprod = alphas_cumprod.float().cpu()
+        self.prediction_type = prediction_type
+
+    def forward(self, z, noises, emb):
+        def call(x_t, t, e):
+            return self.unet(x_t, torch.full((len(x_t),), t, device=x_t.device), encoder_hidden_states=e).sample
+
+        return generator_sample(call, z, noises, emb, self.timesteps, self.alphas_cumprod, self.prediction_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and losses
+
+
+def prompt_data(pipe, retain: list[str], forget: list[tuple[str, str]]):
+    """`finetune.TrainingData` with prompt embeddings only (no teacher samples: SFD is data-free).
+
+    forget: (forget prompt, override prompt) pairs."""
+    from toolchain.stages.finetune import TrainingData, encode_prompts
+
+    prompts = list(dict.fromkeys(["", *retain, *(p for p, _ in forget), *(a for _, a in forget)]))
+    pid = {p: i for i, p in enumerate(prompts)}
+    long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    size = pipe.unet.config.sample_size
+    return TrainingData(
+        latents=torch.zeros((0, pipe.unet.config.in_channels, size, size)),
+        emb=encode_prompts(pipe, prompts),
+        retain_rows=long([]),
+        retain_pids=long([pid[p] for p in retain]),
+        forget_rows=long([]),
+        forget_pids=long([pid[p] for p, _ in forget]),
+        anchor_pids=long([pid[a] for _, a in forget]),
+        anchor_rows=long([]),
+    )
+
+
+def sfd_batch(data, cfg: FinetuneConfig, step: int, stream: int, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Global batch, retain rows first: prompt ids for G and F (`pids`), for T (`teacher_pids`: the
+    override for forget rows), T's negative (`neg_pids`), dropout mask, z, re-noising draws,
+    score noise, t and the per-row loss weights (they sum to the two weights)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 16 + stream)
+    n_r = cfg.batch_size if cfg.sfd_remain_weight > 0 else 0
+    n_f = cfg.upper_batch_size if cfg.sfd_forget_weight > 0 and len(data.forget_pids) else 0
+    ri = torch.randint(len(data.retain_pids), (n_r,), generator=g)
+    fi = torch.randint(max(1, len(data.forget_pids)), (n_f,), generator=g)
+    forget = data.forget_pids[fi] if n_f else torch.zeros(0, dtype=torch.long)
+    anchor = data.anchor_pids[fi] if n_f else torch.zeros(0, dtype=torch.long)
+    n = n_r + n_f
+    k = len(cfg.sfd_schedule)
+    return {
+        "pids": torch.cat([data.retain_pids[ri], forget]),
+        "teacher_pids": torch.cat([data.retain_pids[ri], anchor]),
+        "neg_pids": torch.cat([torch.zeros(n_r, dtype=torch.long), forget if cfg.sfd_negative_forget else 0 * forget]),
+        "drop": torch.rand(n, generator=g) < cfg.prompt_dropout,
+        "z": torch.randn((n, *shape), generator=g),
+        "noises": torch.randn((k - 1, n, *shape), generator=g),
+        "noise": torch.randn((n, *shape), generator=g),
+        "t": torch.randint(cfg.sfd_tmin, cfg.sfd_tmax, (n,), generator=g),
+        "weight": torch.cat(
+            [
+                torch.full((n_r,), cfg.sfd_remain_weight / max(n_r, 1)),
+                torch.full((n_f,), cfg.sfd_forget_weight / max(n_f, 1)),
+            ]
+        ),
+        "is_retain": torch.arange(n) < n_r,
+    }
+
+
+def guided_output(unet, x_t, t, cond, uncond, scale: float) -> torch.Tensor:
+    """UNet output under classifier-free guidance: u + scale·(c − u); one call at batch 2B."""
+    if scale == 1.0:
+        return unet(x_t, t, encoder_hidden_states=cond).sample
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+    u, c = out.chunk(2)
+    return u + scale * (c - u)
+
+
+def fake_score_loss(fake, generator, batch, emb, scheduler, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-score loss (weighted sum, scalar) and its per-row values (B,); G gets no gradient."""
+    from toolchain.stages.finetune import diffusion_target
+
+    pids = torch.where(batch["drop"], torch.zeros_like(batch["pids"]), batch["pids"])
+    cond, uncond = emb[pids], emb[torch.zeros_like(pids)]
+    with torch.no_grad():
+        x_g = generator(batch["z"], batch["noises"], cond).float()
+    t, noise = batch["t"], batch["noise"]
+    x_t = scheduler.add_noise(x_g, noise, t)
+    out = guided_output(fake, x_t, t, cond, uncond, cfg.sfd_guidance).float()
+    target = diffusion_target(scheduler, x_g, noise, t)
+    per_row = ((out - target) ** 2).sum(dim=(1, 2, 3))
+    if scheduler.config.prediction_type == "v_prediction":
+        a = scheduler.alphas_cumprod.to(t.device)[t].float()
+        per_row = per_row * (a / (1 - a)) / (a / (1 - a) + 1)
+    return (per_row * batch["weight"]).sum(), per_row.detach()
+
+
+def generator_loss(generator, fake, teacher, batch, emb, scheduler, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiD/SFD generator loss (weighted sum, scalar) and its per-row values (B,)."""
+    pids = batch["pids"]
+    x_g = generator(batch["z"], batch["noises"], emb[pids]).float()
+    t = batch["t"]
+    a = scheduler.alphas_cumprod.to(t.device)[t].float().view(-1, 1, 1, 1)
+    x_t = scheduler.add_noise(x_g, batch["noise"], t)
+    kind = scheduler.config.prediction_type
+    uncond = emb[torch.zeros_like(pids)]
+    y_fake = pred_x0(guided_output(fake, x_t, t, emb[pids], uncond, cfg.sfd_guidance).float(), x_t, a, kind)
+    real_out = guided_output(teacher, x_t, t, emb[batch["teacher_pids"]], emb[batch["neg_pids"]], cfg.sfd_guidance)
+    y_real = pred_x0(real_out.float(), x_t, a, kind)
+    with torch.no_grad():
+        w = (x_g - y_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
+    diff = y_real - y_fake
+    per_row = (diff * ((y_real - x_g) - cfg.sfd_alpha * diff) / w).sum(dim=(1, 2, 3))
+    return (per_row * batch["weight"]).sum(), per_row.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def train_onestep(
+    student,
+    teacher,
+    data,
+    cfg: FinetuneConfig,
+    scheduler_config: dict,
+    out_dir: Path,
+    progress: bool = False,
+    stop_after: int | None = None,
+):
+    """Train the generator G (= `student`, in place) by SFD against the frozen `teacher`.
+
+    data: `finetune.TrainingData` (only emb and the pid lists are read). Writes
+    `out_dir/losses.jsonl` and `out_dir/checkpoints/`, resuming from the latest checkpoint there;
+    `stop_after` ends after that many steps of this call (tests simulate a killed run).
+    Returns (G's UNet in eval mode, summary dict).
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from toolchain.stages.finetune import TrainingDivergedError
+
+    if cfg.mode != "sfd":
+        raise ConfigError(f"train_onestep needs finetune.mode=sfd, got {cfg.mode!r}")
+    if len(data.retain_pids) == 0 and cfg.sfd_remain_weight > 0:
+        raise ConfigError("finetune.mode=sfd: no retain prompts; set finetune.retain_prompts=[...]")
+    if len(data.forget_pids) == 0 and cfg.sfd_forget_weight > 0:
+        raise ConfigError("finetune.mode=sfd needs forget prompts; pass --erase CONCEPT (or sfd_forget_weight=0)")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    kind = scheduler.config.prediction_type
+    pred_x0(torch.zeros(1), torch.zeros(1), 0.5, kind)  # refuses an unsupported prediction type early
+    timesteps = cfg.sfd_schedule
+    n_r = cfg.batch_size if cfg.sfd_remain_weight > 0 else 0
+    n_f = cfg.upper_batch_size if cfg.sfd_forget_weight > 0 else 0
+    chunks = world * cfg.gradient_accumulation_steps
+    if (n_r + n_f) % chunks:
+        raise ConfigError(
+            f"finetune.mode=sfd: batch_size + upper_batch_size = {n_r + n_f} must be divisible by processes ({world}) "
+            f"x gradient_accumulation_steps ({cfg.gradient_accumulation_steps})"
+        )
+
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    fake_unet = copy.deepcopy(teacher if cfg.sfd_fake_init == "teacher" else student).to(device).train()
+    fake_unet.requires_grad_(True)
+    student = student.to(device).train()
+    student.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        fake_unet.enable_gradient_checkpointing()
+    generator = FewStepGenerator(student, timesteps, scheduler.alphas_cumprod, kind)
+    adam = dict(betas=(0.0, 0.999), eps=1e-8)
+    g_opt = torch.optim.Adam(student.parameters(), lr=cfg.sfd_generator_lr, **adam)
+    f_opt = torch.optim.Adam(fake_unet.parameters(), lr=cfg.sfd_fake_lr, **adam)
+    generator, fake, g_opt, f_opt = accelerator.prepare(generator, fake_unet, g_opt, f_opt)
+    g_plain, f_plain = accelerator.unwrap_model(generator), accelerator.unwrap_model(fake)
+    emb = data.emb.to(device)
+    shape = (student.config.in_channels, student.config.sample_size, student.config.sample_size)
+
+    # ---- resume
+    ckpt_dir = out_dir / CHECKPOINTS
+    losses_file = out_dir / LOSSES_FILE
+    start = 0
+    last = _latest_checkpoint(ckpt_dir)
+    if last is not None:
+        state = load_file(last / "model.safetensors")
+        g_plain.unet.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("generator.")})
+        f_plain.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
+        optim = torch.load(last / "optim.pt", map_location=device, weights_only=True)
+        g_opt.load_state_dict(optim["generator"])
+        f_opt.load_state_dict(optim["fake"])
+        start = json.loads((last / "state.json").read_text())["step"]
+        logger.info("finetune sfd: resuming at step %d from %s", start, last)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if losses_file.is_file():
+            kept = [line for line in losses_file.read_text().splitlines() if json.loads(line)["step"] < start]
+        losses_file.write_text("".join(line + "\n" for line in kept))
+
+    def local(batch: dict[str, torch.Tensor], micro: int) -> dict[str, torch.Tensor]:
+        """This process's micro-batch `micro` (rows of the global batch; noises along dim 1)."""
+        n = len(batch["pids"])
+        per = n // chunks
+        first = (rank * cfg.gradient_accumulation_steps + micro) * per
+        rows = slice(first, first + per)
+        return {k: (v[:, rows] if k == "noises" else v[rows]).to(device) for k, v in batch.items()}
+
+    def check(value: float, what: str, step: int) -> None:
+        if not math.isfinite(value) or abs(value) > cfg.max_loss:
+            good = _latest_checkpoint(ckpt_dir)
+            raise TrainingDivergedError(
+                f"finetune sfd diverged at step {step}: {what} loss = {value:.4g} (finetune.max_loss={cfg.max_loss}); "
+                f"last good checkpoint: {good or 'none'}. Lower finetune.sfd_generator_lr/sfd_fake_lr or raise max_loss"
+            )
+
+    def run_step(step: int, net, optimizer, stream: int, loss_fn) -> dict[str, float]:
+        """Accumulate one loss over this process's micro-batches, step `optimizer`; returns the
+        global loss and its retain / forget parts."""
+        optimizer.zero_grad(set_to_none=True)
+        batch = sfd_batch(data, cfg, step, stream, shape)
+        parts = torch.zeros(3, device=device)
+        for micro in range(cfg.gradient_accumulation_steps):
+            mb = local(batch, micro)
+            last_micro = micro == cfg.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(net):
+                with accelerator.autocast():
+                    loss, per_row = loss_fn(mb)
+                # DDP averages gradients over processes; each holds a part of the global sum
+                accelerator.backward(loss * world)
+            weighted = per_row * mb["weight"]
+            parts += torch.stack([weighted.sum(), weighted[mb["is_retain"]].sum(), weighted[~mb["is_retain"]].sum()])
+        total, remain, forget = accelerator.reduce(parts, reduction="sum").tolist()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": total, "remain": remain, "forget": forget}
+
+    def fake_step(step: int) -> dict[str, float]:
+        record = run_step(step, fake, f_opt, 0, lambda mb: fake_score_loss(fake, g_plain, mb, emb, scheduler, cfg))
+        check(record["loss"], "fake score", step)
+        return record
+
+    def generator_step(step: int) -> dict[str, float]:
+        f_plain.requires_grad_(False)  # F is read, not trained, here: no parameter gradients
+        try:
+            record = run_step(
+                step,
+                generator,
+                g_opt,
+                1,
+                lambda mb: generator_loss(generator, f_plain, teacher, mb, emb, scheduler, cfg),
+            )
+        finally:
+            f_plain.requires_grad_(True)
+        check(record["loss"], "generator", step)
+        return record
+
+    def save_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_dir / f".tmp-step-{step:07d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            state = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in g_plain.unet.state_dict().items()}
+            state.update({f"fake.{k}": v.detach().cpu().contiguous() for k, v in f_plain.state_dict().items()})
+            save_file(state, tmp / "model.safetensors")
+            torch.save({"generator": g_opt.state_dict(), "fake": f_opt.state_dict()}, tmp / "optim.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+            final = ckpt_dir / f"step-{step:07d}"
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in ckpt_dir.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=cfg.steps,
+        desc=f"finetune sfd ({len(timesteps)}-step)",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    started = time.perf_counter()
+    last_record: dict = {}
+    for step in bar:
+        fake_record = fake_step(step)
+        g_record = generator_step(step)
+        record = {**{f"fake_{k}": v for k, v in fake_record.items()}, **{f"g_{k}": v for k, v in g_record.items()}}
+        last_record = {"step": step, **{k: round(v, 6) for k, v in record.items()}}
+        if accelerator.is_main_process:
+            with losses_file.open("a") as f:
+                f.write(json.dumps(last_record) + "\n")
+        bar.set_postfix({"fake": f"{fake_record['loss']:.3f}", "G": f"{g_record['loss']:.3f}"})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(step + 1)
+    wall = time.perf_counter() - started
+    accelerator.wait_for_everyone()
+    if cfg.gradient_checkpointing:
+        student.disable_gradient_checkpointing()
+    summary = {
+        "mode": "sfd",
+        "steps": cfg.steps,
+        "generator_timesteps": timesteps,
+        "fake_init": cfg.sfd_fake_init,
+        "resumed_at": start,
+        "processes": world,
+        "wall_s": round(wall, 2),
+        "final": last_record,
+    }
+    return g_plain.unet.eval(), summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage body (called by toolchain.stages.finetune.run for mode=sfd)
+
+
+def run_sfd(source, cfg: FinetuneConfig, ctx):
+    """finetune.mode=sfd: the student becomes a k-step generator that also forgets `--erase`."""
+    from toolchain.artifact import Artifact, folder_size
+    from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, load_unet, save_unet
+    from toolchain.stages.benchmark import component_params
+    from toolchain.stages.finetune import check_config, retain_prompt_list
+
+    concepts = check_config(cfg, list(ctx.config.erase))
+    retain = retain_prompt_list(cfg, concepts)
+    forget = [(p, c.anchor_prompt) for c in concepts for p in c.erase_prompts]
+    out = ctx.out_dir
+    teacher_pipe = load_pipeline(ctx.chain[0].files)
+    data = prompt_data(teacher_pipe, retain, forget)
+    scheduler_config = dict(teacher_pipe.scheduler.config)
+    student = load_unet(source.files / "unet")
+    generator, summary = train_onestep(student, teacher_pipe.unet, data, cfg, scheduler_config, out, ctx.progress)
+
+    link_pipeline(source.files, out, skip=("unet", LOSSES_FILE, CHECKPOINTS, SCHEDULE_FILE))
+    record_file = source.files / "unet" / PRUNING_RECORD
+    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    save_unet(generator, out / "unet", record)
+    write_schedule(out, cfg.sfd_schedule, scheduler_config.get("prediction_type", "epsilon"))
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the sealed folder is a pipeline, not a run
+    summary.update(erase=list(ctx.config.erase), retain_prompts=len(retain), forget_prompts=len(forget))
+    logger.info("finetune: sfd done in %.1f s: %s", summary["wall_s"], summary["final"])
+    return Artifact(
+        path=out,
+        kind="diffusers",
+        records={"finetune": summary},
+        metrics={"params": component_params(out), "size_bytes": folder_size(out)},
+    )
