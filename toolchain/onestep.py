@@ -254,11 +254,6 @@ def generator_loss(generator, fake, teacher, batch, emb, scheduler, cfg) -> tupl
 # Training loop
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
 def train_onestep(
     student,
     teacher,
@@ -278,10 +273,15 @@ def train_onestep(
     """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from toolchain.stages.finetune import TrainingDivergedError
+    from toolchain.stages.finetune import (
+        TrainingDivergedError,
+        latest_checkpoint,
+        load_checkpoint,
+        restart_losses,
+        save_checkpoint,
+    )
 
     if cfg.mode != "sfd":
         raise ConfigError(f"train_onestep needs finetune.mode=sfd, got {cfg.mode!r}")
@@ -325,23 +325,10 @@ def train_onestep(
     # ---- resume
     ckpt_dir = out_dir / CHECKPOINTS
     losses_file = out_dir / LOSSES_FILE
-    start = 0
-    last = _latest_checkpoint(ckpt_dir)
-    if last is not None:
-        state = load_file(last / "model.safetensors")
-        g_plain.unet.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("generator.")})
-        f_plain.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
-        optim = torch.load(last / "optim.pt", map_location=device, weights_only=True)
-        g_opt.load_state_dict(optim["generator"])
-        f_opt.load_state_dict(optim["fake"])
-        start = json.loads((last / "state.json").read_text())["step"]
-        logger.info("finetune sfd: resuming at step %d from %s", start, last)
+    modules, optimizers = {"generator": g_plain.unet, "fake": f_plain}, {"generator": g_opt, "fake": f_opt}
+    start = load_checkpoint(ckpt_dir, modules, optimizers, device)
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if losses_file.is_file():
-            kept = [line for line in losses_file.read_text().splitlines() if json.loads(line)["step"] < start]
-        losses_file.write_text("".join(line + "\n" for line in kept))
+        restart_losses(losses_file, start)
 
     def local(batch: dict[str, torch.Tensor], micro: int) -> dict[str, torch.Tensor]:
         """This process's micro-batch `micro` (rows of the global batch; noises along dim 1)."""
@@ -353,7 +340,7 @@ def train_onestep(
 
     def check(value: float, what: str, step: int) -> None:
         if not math.isfinite(value) or abs(value) > cfg.max_loss:
-            good = _latest_checkpoint(ckpt_dir)
+            good = latest_checkpoint(ckpt_dir)
             raise TrainingDivergedError(
                 f"finetune sfd diverged at step {step}: {what} loss = {value:.4g} (finetune.max_loss={cfg.max_loss}); "
                 f"last good checkpoint: {good or 'none'}. Lower finetune.sfd_generator_lr/sfd_fake_lr or raise max_loss"
@@ -400,24 +387,10 @@ def train_onestep(
         check(record["loss"], "generator", step)
         return record
 
-    def save_checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_dir / f".tmp-step-{step:07d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            state = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in g_plain.unet.state_dict().items()}
-            state.update({f"fake.{k}": v.detach().cpu().contiguous() for k, v in f_plain.state_dict().items()})
-            save_file(state, tmp / "model.safetensors")
-            torch.save({"generator": g_opt.state_dict(), "fake": f_opt.state_dict()}, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-            final = ckpt_dir / f"step-{step:07d}"
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in ckpt_dir.glob("step-*"):
-                if old != final:
-                    shutil.rmtree(old)
+            save_checkpoint(ckpt_dir, step, modules, optimizers)
         accelerator.wait_for_everyone()
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -440,7 +413,7 @@ def train_onestep(
                 f.write(json.dumps(last_record) + "\n")
         bar.set_postfix({"fake": f"{fake_record['loss']:.3f}", "G": f"{g_record['loss']:.3f}"})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(step + 1)
+            checkpoint(step + 1)
     wall = time.perf_counter() - started
     accelerator.wait_for_everyone()
     if cfg.gradient_checkpointing:

@@ -476,9 +476,62 @@ def denoising_loss(pred, target, weights) -> torch.Tensor:
 # Training loop
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
+def latest_checkpoint(folder: Path) -> Path | None:
     done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
     return done[-1] if done else None
+
+
+def save_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module], optimizers: dict) -> None:
+    """Write checkpoint `step` atomically (a temporary folder renamed): every module's weights in
+    one safetensors file (keys prefixed "<name>."), the optimisers' states and the step; older
+    checkpoints are then removed. Main process only."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {
+        f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()
+    }
+    save_file(state, tmp / "model.safetensors")
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+    final = folder / f"step-{step:07d}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in folder.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizers: dict, device) -> int:
+    """Restore the latest checkpoint of `folder` into `modules` and `optimizers` (the names
+    `save_checkpoint` was given); returns its step, 0 when there is none."""
+    from safetensors.torch import load_file
+
+    last = latest_checkpoint(folder)
+    if last is None:
+        return 0
+    state = load_file(last / "model.safetensors")
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    saved = torch.load(last / "optim.pt", map_location=device, weights_only=True)
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(saved[name])
+    step = json.loads((last / "state.json").read_text())["step"]
+    logger.info("finetune: resuming at step %d from %s", step, last)
+    return step
+
+
+def restart_losses(losses_file: Path, start: int) -> None:
+    """Keep the per-step loss records before `start`: a resumed run writes the rest again."""
+    losses_file.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if losses_file.is_file():
+        kept = [line for line in losses_file.read_text().splitlines() if json.loads(line)["step"] < start]
+    losses_file.write_text("".join(line + "\n" for line in kept))
 
 
 def train(
@@ -503,7 +556,6 @@ def train(
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     if cfg.unlearns and len(data.forget_rows) == 0:
@@ -556,26 +608,11 @@ def train(
     # ---- resume
     ckpt_dir = out_dir / CHECKPOINTS
     losses_file = out_dir / LOSSES_FILE
-    start = 0
-    last = _latest_checkpoint(ckpt_dir)
-    if last is not None:
-        state = load_file(last / "model.safetensors")
-        unwrapped.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-        if penalty:
-            accelerator.unwrap_model(copy_model).load_state_dict(
-                {k[5:]: v for k, v in state.items() if k.startswith("copy.")}
-            )
-        optim = torch.load(last / "optim.pt", map_location=device, weights_only=True)
-        lower_opt.load_state_dict(optim["lower"])
-        upper_opt.load_state_dict(optim["upper"])
-        start = json.loads((last / "state.json").read_text())["step"]
-        logger.info("finetune: resuming at step %d from %s", start, last)
+    modules = {"model": unwrapped, **({"copy": accelerator.unwrap_model(copy_model)} if penalty else {})}
+    optimizers = {"lower": lower_opt, "upper": upper_opt}
+    start = load_checkpoint(ckpt_dir, modules, optimizers, device)
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if losses_file.is_file():
-            kept = [line for line in losses_file.read_text().splitlines() if json.loads(line)["step"] < start]
-        losses_file.write_text("".join(line + "\n" for line in kept))
+        restart_losses(losses_file, start)
 
     def local(x: torch.Tensor, micro: int) -> torch.Tensor:
         """This process's micro-batch `micro` of a global batch."""
@@ -585,7 +622,7 @@ def train(
 
     def check(value: float, what: str, step: int) -> None:
         if not math.isfinite(value) or value > cfg.max_loss:
-            good = _latest_checkpoint(ckpt_dir)
+            good = latest_checkpoint(ckpt_dir)
             raise TrainingDivergedError(
                 f"finetune diverged at step {step}: {what} loss = {value:.4g} (finetune.max_loss={cfg.max_loss}); "
                 f"last good checkpoint: {good or 'none'}. Lower finetune.lower_lr/upper_lr or raise max_loss"
@@ -804,26 +841,10 @@ def train(
         upper_opt.zero_grad(set_to_none=True)
         return record
 
-    def save_checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_dir / f".tmp-step-{step:07d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
-            if penalty:
-                copy_state = accelerator.unwrap_model(copy_model).state_dict()
-                state.update({f"copy.{k}": v.detach().cpu().contiguous() for k, v in copy_state.items()})
-            save_file(state, tmp / "model.safetensors")
-            torch.save({"lower": lower_opt.state_dict(), "upper": upper_opt.state_dict()}, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-            final = ckpt_dir / f"step-{step:07d}"
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in ckpt_dir.glob("step-*"):
-                if old != final:
-                    shutil.rmtree(old)
+            save_checkpoint(ckpt_dir, step, modules, optimizers)
         accelerator.wait_for_everyone()
 
     distill_until = cfg.steps - cfg.sequential_unlearn_steps if cfg.mode == "sequential" else cfg.steps
@@ -852,7 +873,7 @@ def train(
                 f.write(json.dumps(last_record) + "\n")
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("lower", "upper")})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(step + 1)
+            checkpoint(step + 1)
     wall = time.perf_counter() - started
     accelerator.wait_for_everyone()
     student = unwrapped.unet
