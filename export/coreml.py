@@ -52,30 +52,15 @@ import sys
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from export.validate import PSNR_CEILING_DB, ParityError, psnr
+from export.validate import PSNR_CEILING_DB, ParityError, phase, psnr
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def _phase(component: str, phase: str, phases_s: dict[str, float]):
-    """Log the start and end of one export phase and record its seconds in `phases_s`.
-
-    An SD-1.5 UNet spends minutes in a phase with no output of its own; these lines are the
-    progress display. `extra` names the phase for callers that attribute time or memory to it
-    (benchmarks/export_sd15.py)."""
-    logger.info("%s: %s ...", component, phase, extra={"phase": phase})
-    start = time.perf_counter()
-    yield
-    phases_s[phase] = round(time.perf_counter() - start, 3)
-    logger.info("%s: %s done in %.1f s", component, phase, phases_s[phase], extra={"phase_done": phase})
 
 
 VALID_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -258,10 +243,10 @@ def _convert(ct, module, inputs, output_names, precision, target, component, pha
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # coremltools 9 converts TorchScript; torch's notice that jit.trace is deprecated says nothing here.
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=DeprecationWarning)
-        with _phase(component, "trace", phases_s):
+        with phase(component, "trace", phases_s):
             traced = torch.jit.trace(module, example, check_trace=False)
         # coremltools shows its own progress bars for the frontend and each pass pipeline
-        with _phase(component, "convert", phases_s):
+        with phase(component, "convert", phases_s):
             mlmodel = ct.convert(
                 traced,
                 inputs=[
@@ -491,7 +476,7 @@ def export_coreml(
         try:
             if saved_processors is not None:
                 pipe.unet.set_attn_processor(SplitEinsumAttnProcessor())
-            with torch.no_grad(), _phase(name, "reference", phases_s):
+            with torch.no_grad(), phase(name, "reference", phases_s):
                 torch_out = wrapper(torch_module)(*(torch.from_numpy(v) for v in inputs.values()))
             torch_out = (torch_out,) if isinstance(torch_out, torch.Tensor) else torch_out
             mlmodel = convert(ct, pipe, inputs, compute_precision, minimum_deployment_target, phases_s)
@@ -508,20 +493,20 @@ def export_coreml(
         )
 
         shutil.rmtree(package, ignore_errors=True)
-        with _phase(name, "save", phases_s):
+        with phase(name, "save", phases_s):
             mlmodel.save(str(package))
         uncompressed_weights = _weights_bytes(package)
         compressed = compression != "none" and name in compress_components
         checks = [(mlmodel, False)]
         if compressed:
-            with _phase(name, "compress", phases_s):
+            with phase(name, "compress", phases_s):
                 compressed_model = _compress(ct, mlmodel, compression)
                 shutil.rmtree(package)
                 compressed_model.save(str(package))
             checks.append((compressed_model, True))
         export_s = time.perf_counter() - start
 
-        with _phase(name, "check", phases_s):
+        with phase(name, "check", phases_s):
             spec = inspect_package(package)
         expected_version = next(v for v, t in SPEC_VERSIONS.items() if t == minimum_deployment_target)
         problems = []

@@ -30,30 +30,15 @@ import os
 import shutil
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from export.validate import ParityError, onnx_parity
+from export.validate import ParityError, onnx_parity, phase
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def _phase(component: str, phase: str, phases_s: dict[str, float]):
-    """Log the start and end of one export phase and record its seconds in `phases_s`.
-
-    An SD-1.5 UNet spends minutes in a phase with no output of its own; these lines are the
-    progress display. `extra` names the phase for callers that attribute time or memory to it
-    (benchmarks/export_sd15.py)."""
-    logger.info("%s: %s ...", component, phase, extra={"phase": phase})
-    start = time.perf_counter()
-    yield
-    phases_s[phase] = round(time.perf_counter() - start, 3)
-    logger.info("%s: %s done in %.1f s", component, phase, phases_s[phase], extra={"phase_done": phase})
 
 
 VALID_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -258,7 +243,7 @@ def _write_onnx(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     traced = scratch / "model.onnx"
-    with warnings.catch_warnings(), _phase(component_dir.name, "trace", phases_s):
+    with warnings.catch_warnings(), phase(component_dir.name, "trace", phases_s):
         # diffusers and transformers branch on shapes in Python; the tracer warns at every such
         # branch. Whether one baked a shape into the graph is settled by the parity check at a
         # different batch size, not by reading dozens of warnings.
@@ -295,7 +280,7 @@ def _write_onnx(
     # Copy file to file, one tensor at a time, never through the proto: onnx.load(load_external_data=True)
     # held every weight (3.4 GB for SD-1.5) beside the caller's PyTorch copy, and protobuf keeps a
     # cleared bytes field's memory until the whole message is freed. Measured on SD-1.5: 3.4 -> 0.16 GB.
-    with _phase(component_dir.name, "external_data", phases_s):
+    with phase(component_dir.name, "external_data", phases_s):
         model = onnx.load(str(traced), load_external_data=False)
         with open(external, "wb") as data_file:
             for tensor in _get_all_tensors(model):
@@ -437,7 +422,7 @@ def export_onnx(
             spec["save_config"](component_dir)
             export_s = time.perf_counter() - start
             onnx_path = component_dir / "model.onnx"
-            with _phase(name, "validate", phases_s):
+            with phase(name, "validate", phases_s):
                 max_abs_err, psnr_db = onnx_parity(
                     onnx_path, module, spec["make_inputs"](PARITY_BATCH, np.random.default_rng(PARITY_SEED + 1))
                 )

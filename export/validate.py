@@ -6,11 +6,16 @@ functions that use them, so importing this module stays light.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class ParityError(RuntimeError):
@@ -86,3 +91,17 @@ def onnx_parity(
         max_abs_err = max(max_abs_err, float(np.max(np.abs(reference - onnx_out), initial=0.0)))
         psnr_db = min(psnr_db, psnr(reference, onnx_out))
     return max_abs_err, psnr_db
+
+
+@contextmanager
+def phase(component: str, name: str, phases_s: dict[str, float]):
+    """Log the start and end of one export phase and record its seconds in `phases_s`.
+
+    An SD-1.5 UNet spends minutes in a phase with no output of its own; these lines are the
+    progress display. `extra` names the phase for callers that attribute time or memory to it
+    (benchmarks/export_sd15.py)."""
+    logger.info("%s: %s ...", component, name, extra={"phase": name})
+    start = time.perf_counter()
+    yield
+    phases_s[name] = round(time.perf_counter() - start, 3)
+    logger.info("%s: %s done in %.1f s", component, name, phases_s[name], extra={"phase_done": name})
