@@ -2,7 +2,8 @@
 
 Rows: the teacher; distillation alone (no unlearning); plain bilevel with EraseDiff (the default
 recipe's objective) and with ESD; the same with the AdvUnlearn-style robust option
-(`finetune.robust`). Columns: leakage of 7 on its training prompts and on held-out phrasings,
+(`finetune.robust`; "+robust" trains against the continuous soft-prompt attack, the default,
+"+robust-prefix" against the discrete prefix search). Columns: leakage of 7 on its training prompts and on held-out phrasings,
 success of the white-box prefix-prompt attack and of concept inversion (toolchain/attacks.py,
 budget in `settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
 time and the robust option's share of it.
@@ -20,19 +21,35 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROWS = ("teacher", "bilevel-erasediff", "bilevel-erasediff+robust", "distill", "bilevel-esd", "bilevel-esd+robust")
+ROWS = (
+    "teacher",
+    "distill",
+    "bilevel-erasediff",
+    "bilevel-erasediff+robust",
+    "bilevel-erasediff+robust-prefix",
+    "bilevel-esd",
+    "bilevel-esd+robust",
+    "bilevel-esd+robust-prefix",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--n-per-prompt", type=int, default=8)
+    parser.add_argument("--n-per-prompt", type=int, default=32, help="judged images per leakage/retain prompt")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--samples-cache", type=Path, default=None, help="reuse teacher samples from this file")
     parser.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values)")
     parser.add_argument("--attack", nargs="*", default=[], help="AttackConfig overrides key=value (JSON values)")
     parser.add_argument("--keep", action="store_true", help="keep the rows OUT.json already has; measure the rest")
+    parser.add_argument(
+        "--merge",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="take rows (and the int8 section) from these result JSONs of the same settings, e.g. parallel runs",
+    )
     parser.add_argument(
         "--int8", default=None, metavar="ROW", help="export ROW's model to ONNX, int8-quantize it and measure both"
     )
@@ -57,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
     attack_cfg = AttackConfig(
-        enabled=True, **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.attack)}
+        enabled=True,
+        **{"images_per_prompt": 16, **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.attack)}},
     )
     seven = load_concept("7")
     pipe = load_pipeline(EMBEDDED_MODEL)
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             "leakage_7_heldout": held.leakage["7"],
             "prompt_attack": attacked.prompt_attack,
             "embedding_attack": attacked.embedding_attack,
+            "soft_prompt_attack": attacked.soft_attack,
             "attack_plain": attacked.plain,
             "attacked_prompts": attacked.attacked_prompts,
             "attack_s": round(attacked.wall_s, 1),
@@ -161,6 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "prune_ratio": 0.3,
                 "erase": "7",
                 "n_per_prompt": args.n_per_prompt,
+                "prompts": {
+                    "erase": len(seven.erase_prompts),
+                    "heldout": len(seven.heldout_prompts),
+                    "retain": sum(len(v) for v in retain.values()),
+                },
             },
             "rows": rows,
             **extra,
@@ -169,11 +193,21 @@ def main(argv: list[str] | None = None) -> dict:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
             args.out.with_suffix(".md").write_text(to_markdown(result))
+            write_plot(result, args.out.with_suffix(".png"))
         return result
 
     rows, unets, extra = {}, {}, {}
     if args.keep and args.out is not None and args.out.with_suffix(".json").is_file():
         rows = json.loads(args.out.with_suffix(".json").read_text())["rows"]
+    for path in args.merge:
+        other = json.loads(path.read_text())
+        same = json.loads(json.dumps([vars(base), vars(attack_cfg), args.n_per_prompt]))
+        if [other["settings"][k] for k in ("finetune", "attack", "n_per_prompt")] != same:
+            raise SystemExit(f"{path}: measured with other settings than this command's; not merged")
+        rows.update(other["rows"])
+        extra.setdefault("merged", []).append(other["command"])
+        if "int8" in other:
+            extra["int8"] = other["int8"]
     for name in args.rows:
         if name in rows:
             continue
@@ -181,9 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "teacher":
             unet = teacher
         else:
-            mode, _, objective = name.partition("-")
-            objective, robust = objective.removesuffix("+robust"), name.endswith("+robust")
-            cfg = FinetuneConfig(**{**vars(base), "mode": mode, "objective": objective or "esd", "robust": robust})
+            name_objective, _, robust_kind = name.partition("+")
+            mode, _, objective = name_objective.partition("-")
+            robust = bool(robust_kind)
+            inner = {"robust_attack": "prefix"} if robust_kind == "robust-prefix" else {}
+            cfg = FinetuneConfig(
+                **{**vars(base), "mode": mode, "objective": objective or "esd", "robust": robust, **inner}
+            )
             out = tmp / f"{name}-{len(list(tmp.iterdir()))}"
             unet, summary = train(
                 copy.deepcopy(student0),
@@ -216,8 +254,21 @@ def main(argv: list[str] | None = None) -> dict:
     return write(rows)
 
 
+def write_plot(result: dict, path: Path) -> None:
+    """Plain leakage, prefix-attack and concept-inversion success per method (benchmarks/plots.py)."""
+    from benchmarks.plots import attack_plot
+
+    keys = ("prompt_attack", "soft_prompt_attack", "embedding_attack")
+    rows = [
+        {"name": name, "leakage": {"7": r["leakage_7"]}, "attack": {"7": {k: r.get(k) for k in keys}}}
+        for name, r in sorted(result["rows"].items(), key=lambda item: ROWS.index(item[0]))
+    ]
+    if rows:
+        attack_plot(rows, path, title="per method, erase 7")
+
+
 def to_markdown(result: dict) -> str:
-    rows = result["rows"]
+    rows = dict(sorted(result["rows"].items(), key=lambda item: ROWS.index(item[0])))
     teacher_acc = rows.get("teacher", {}).get("retain_accuracy")
     a = result["settings"]["attack"]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
@@ -225,32 +276,37 @@ def to_markdown(result: dict) -> str:
         "# Erasure under attack on the digits world: erase 7, 30% channel pruning",
         "",
         f"Command: `{result['command']}`  ",
+        *[f"Rows merged from: `{command}`  " for command in result.get("merged", [])],
         f"Machine: {result['machine']['platform']}, 1 torch thread; versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
-        "| row | leakage 7 | held-out leakage | prefix attack | (same prompts, no prefix) | concept inversion "
-        "| retain acc | retain / teacher | judge FID | train wall s | robust s | attack s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | leakage 7 | held-out leakage | prefix attack | (same prompts, no prefix) | soft-prompt attack "
+        "| concept inversion | retain acc | retain / teacher | judge FID | train wall s | robust s | attack s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         rel = f"{r['retain_accuracy'] / teacher_acc:.2f}" if teacher_acc else "-"
         fid = f"{r['fid']:.2f}" if r["fid"] is not None else "-"
         lines.append(
             f"| {name} | {pct(r['leakage_7'])} | {pct(r['leakage_7_heldout'])} | {pct(r['prompt_attack'])} | "
-            f"{pct(r['attack_plain'])} | {pct(r['embedding_attack'])} | {pct(r['retain_accuracy'])} | {rel} | {fid} | "
+            f"{pct(r['attack_plain'])} | {pct(r.get('soft_prompt_attack'))} | {pct(r['embedding_attack'])} | "
+            f"{pct(r['retain_accuracy'])} | {rel} | {fid} | "
             f"{r['wall_s']} | {r['robust_s'] if r['robust_s'] is not None else '-'} | {r['attack_s']} |"
         )
     f = result["settings"]["finetune"]
     lines += [
         "",
         f"Finetune: {f['steps']} steps, lower_lr {f['lower_lr']}, upper_lr {f['upper_lr']}, K={f['upper_every']}, "
-        f"batch {f['batch_size']}; robust: {f['robust_attack_steps']} attack steps x {f['robust_prefix_tokens']} "
-        f"prefix tokens per upper step, retain weight {f['robust_retain_weight']}.",
+        f"batch {f['batch_size']}, ESD from the anchor prompt: {f.get('esd_from_anchor', False)}; robust: "
+        f"{f['robust_attack_steps']} steps of the {f.get('robust_attack', 'prefix')} attack on "
+        f"{f['robust_prefix_tokens']} prefix tokens per upper step ('+robust-prefix': the discrete search), "
+        f"retain weight {f['robust_retain_weight']}.",
         f"Attack budget: prefix attack {a['prefix_tokens']} tokens x {a['steps']} steps ({a['candidates']} swaps "
         f"checked per step among the top {a['topk']} tokens, judged every {a['select_every']} steps on "
         f"{a['select_images']} images, "
         f"{a['batch']} noised concept latents per prompt) on {a['n_prompts']} prompts, {a['images_per_prompt']} "
-        f"images each; concept inversion {a['inversion_steps']} steps (lr {a['inversion_lr']}). "
+        f"images each; soft-prompt attack {a.get('soft_steps', 0)} Adam steps (lr {a.get('soft_lr')}) on the same "
+        f"prefix and loss; concept inversion {a['inversion_steps']} steps (lr {a['inversion_lr']}). "
         f"Leakage: {result['settings']['n_per_prompt']} images per prompt, DDIM 25 steps, guidance 5.",
         "Attack success = share of generations the digits judge labels 7. '(same prompts, no prefix)' is the "
         "leakage of the attacked prompts without their prefix under the same seeds.",
@@ -269,13 +325,32 @@ def to_markdown(result: dict) -> str:
             f"| PyTorch | {pct(r['leakage_7'])} | {pct(r['leakage_7_heldout'])} | {pct(r['prompt_attack'])} | "
             f"{pct(r['retain_accuracy'])} | {r['fid']:.2f} |",
         ]
+        pairs = (
+            ("leakage_7", "leakage_7"),
+            ("leakage_7_heldout", "leakage_7_heldout"),
+            ("prompt_attack_transfer", "prompt_attack"),
+            ("retain_accuracy", "retain_accuracy"),
+        )
+        changes = []
         for name in ("onnx_fp32", "onnx_int8"):
             m = q[name]
+            change = max(abs(m[k] - r[base]) for k, base in pairs) * 100
+            changes.append(f"{name} {change:.1f}")
             lines.append(
                 f"| {name} | {pct(m['leakage_7'])} | {pct(m['leakage_7_heldout'])} | "
                 f"{pct(m['prompt_attack_transfer'])} | {pct(m['retain_accuracy'])} | {m['fid']:.2f} |"
             )
-        lines += ["", "Int8: static QDQ, Conv + MatMul, 16 calibration feeds (the default recipe's form).", ""]
+        n, a_n = result["settings"]["n_per_prompt"], a["images_per_prompt"] * a["n_prompts"]
+        counts = {k: v * n for k, v in result["settings"]["prompts"].items()}
+        lines += [
+            "",
+            "Int8: static QDQ, Conv + MatMul, 16 calibration feeds (the default recipe's form). Same seeds as "
+            f"the PyTorch row. Largest change of a figure against PyTorch, in points (target <= 1): "
+            f"{', '.join(changes)}. One image is {100 / counts['erase']:.2f} points of leakage, "
+            f"{100 / counts['heldout']:.2f} of held-out leakage, {100 / a_n:.2f} of attack success, "
+            f"{100 / counts['retain']:.2f} of retain accuracy.",
+            "",
+        ]
     lines += [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
 

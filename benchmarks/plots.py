@@ -106,16 +106,21 @@ def sample_grid(samples: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return path
 
 
-def attack_plot(stages: list[dict[str, Any]], path: Path) -> Path:
-    """Per stage and erased concept: plain leakage beside the prefix-attack and concept-inversion
-    success (transferred prompts on exported stages); the stage an attack ran on is in the label."""
+def attack_plot(stages: list[dict[str, Any]], path: Path, title: str = "per stage") -> Path:
+    """Per stage (or per method: any named rows) and erased concept: plain leakage beside the
+    prefix-attack, soft-prompt-attack and concept-inversion success (transferred prompts on exported stages); the
+    stage an attack ran on is in the label."""
     plt = _pyplot()
     attacked = [s for s in stages if any("prompt_attack" in a for a in (s.get("attack") or {}).values())]
     labels = sorted({k for s in attacked for k, a in s["attack"].items() if "prompt_attack" in a})
     series = []
     for k in labels:
         series.append((f"leakage {k}", [(s.get("leakage") or {}).get(k, np.nan) for s in attacked]))
-        for key, name in (("prompt_attack", "prefix attack"), ("embedding_attack", "concept inversion")):
+        for key, name in (
+            ("prompt_attack", "prefix attack"),
+            ("soft_prompt_attack", "soft-prompt attack"),
+            ("embedding_attack", "concept inversion"),
+        ):
             values = [(s["attack"].get(k) or {}).get(key) for s in attacked]
             series.append((f"{name} {k}", [np.nan if v is None else v for v in values]))
     width = 0.8 / len(series)
@@ -130,7 +135,7 @@ def attack_plot(stages: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of images judged as the concept")
-    ax.set_title("Leakage and attack success per stage (lower is better)")
+    ax.set_title(f"Leakage and attack success {title} (lower is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -74,6 +74,8 @@ def _key(row: dict[str, Any], fields: tuple[str, ...]) -> str:
 _LATENCY_KEY = ("runtime", "profile", "stage", "component", "batch", "method", "steps")
 _MEMORY_KEY = ("runtime", "profile", "stage", "component")
 _PARITY_KEY = ("component", "format", "reference")
+# report.json `attack.<label>` figures that are shares of images judged as the concept
+ATTACK_SHARES = ("heldout_leakage", "plain", "prompt_attack", "soft_prompt_attack", "embedding_attack")
 
 
 def _check(metric: str, baseline: float | None, current: float | None, limit: float | None, upper: bool) -> Regression:
@@ -98,9 +100,9 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
             c = (now.get("leakage") or {}).get(label)
             rows.append(_check(f"leakage {name}/{label}", b, c, b + tol.leakage_points / 100, True))
         for label, attacks in (base.get("attack") or {}).items():
-            for kind, b in attacks.items():  # heldout_leakage, prompt_attack, ...: shares like leakage
+            for kind, b in attacks.items():  # shares like leakage; wall_s, budgets and prompts are not gated
                 c = ((now.get("attack") or {}).get(label) or {}).get(kind)
-                if isinstance(b, float | int) and not isinstance(b, bool):
+                if kind in ATTACK_SHARES and isinstance(b, float | int) and not isinstance(b, bool):
                     rows.append(_check(f"{kind} {name}/{label}", b, c, b + tol.leakage_points / 100, True))
         if base.get("retain_accuracy") is not None:
             b = base["retain_accuracy"]

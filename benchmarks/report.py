@@ -61,7 +61,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             **s,
             **{
                 key: {k: a.get(key) for k, a in (s.get("attack") or {}).items()}
-                for key in ("heldout_leakage", "prompt_attack", "embedding_attack")
+                for key in ("heldout_leakage", "prompt_attack", "soft_prompt_attack", "embedding_attack")
             },
         }
         for s in report.get("stages", [])
@@ -70,14 +70,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _table(
         stage_rows,
         ["name", "params", "size_bytes", "leakage", "heldout_leakage"]
-        + (["prompt_attack", "embedding_attack"] if attacked else [])
+        + (["prompt_attack", "soft_prompt_attack", "embedding_attack"] if attacked else [])
         + ["retain_accuracy", "fid", "wall_s"],
     )
     if attacked:
         lines += [
-            "prompt_attack / embedding_attack: share of images judged as the erased concept under the white-box "
-            "prefix-prompt attack / concept inversion; exported stages run the prompts found on the last PyTorch "
-            "stage (report.json `attack.<label>.attacked_on`).",
+            "prompt_attack / soft_prompt_attack / embedding_attack: share of images judged as the erased concept "
+            "under the white-box prefix-prompt attack / its continuous form / concept inversion; exported stages "
+            "run the prompts found on the last PyTorch stage (report.json `attack.<label>.attacked_on`).",
             "",
         ]
     judge = report.get("judge")

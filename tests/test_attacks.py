@@ -64,6 +64,8 @@ def digits(tmp_path_factory):
         dict(inversion_lr=0.0),
         dict(candidates=0),
         dict(select_every=-1),
+        dict(soft_steps=-1),
+        dict(soft_lr=0.0),
     ],
 )
 def test_attack_config_refuses_bad_values(bad):
@@ -84,10 +86,14 @@ def test_attack_section_is_validated_at_load_and_robust_fields_too():
         FinetuneConfig(robust=True, robust_attack_steps=0)
     with pytest.raises(ConfigError, match="robust_prefix_tokens"):
         FinetuneConfig(robust_prefix_tokens=0)
+    with pytest.raises(ConfigError, match="robust_attack_lr"):
+        FinetuneConfig(robust_attack_lr=0.0)
+    with pytest.raises(ConfigError, match="robust_attack"):
+        load_config(None, ["finetune.robust_attack=gcg"])
 
 
 def test_prefix_attack_refuses_zero_tokens_and_negative_steps(tiny_pipe):
-    from toolchain.attacks import PromptEncoder, concept_inversion, prefix_attack
+    from toolchain.attacks import PromptEncoder, concept_inversion, prefix_attack, soft_prefix_attack
 
     encoder = PromptEncoder(tiny_pipe.text_encoder, tiny_pipe.tokenizer)
     x = torch.zeros(2, 4, 8, 8)
@@ -98,6 +104,11 @@ def test_prefix_attack_refuses_zero_tokens_and_negative_steps(tiny_pipe):
         prefix_attack(tiny_pipe.unet, encoder, x, x, t, ["a", "b"], 2, -1)
     with pytest.raises(ValueError, match="steps=-1"):
         concept_inversion(tiny_pipe.unet, encoder, x, tiny_pipe.scheduler, -1, 0.01, 2)
+    ids = encoder.ids(["a", "b"])
+    with pytest.raises(ValueError, match="at least one token"):
+        soft_prefix_attack(tiny_pipe.unet, encoder, x, x, t, ids, 0, 3, 0.01)
+    with pytest.raises(ValueError, match="steps=-1"):
+        soft_prefix_attack(tiny_pipe.unet, encoder, x, x, t, ids, 2, -1, 0.01)
 
 
 # ------------------------------------------------------------------------- mechanics and budgets
@@ -169,7 +180,65 @@ def test_prefix_attack_and_inversion_respect_their_budgets(tiny_pipe):
         assert tiny_pipe.unet.get_parameter(k).grad is None if k in dict(tiny_pipe.unet.named_parameters()) else True
 
 
-def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, tmp_path):
+def test_soft_prefix_attack_spends_its_budget_lowers_the_loss_and_leaves_the_model_alone(tiny_pipe):
+    """AdvUnlearn's inner attack: one UNet pass per step, the matching loss falls, the result is
+    the prompts' text embeddings with k free prefix embeddings spliced in, no gradient on the UNet."""
+    from diffusers import DDPMScheduler
+
+    from toolchain.attacks import PromptEncoder, attack_batch, soft_prefix_attack
+
+    encoder = PromptEncoder(tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["the number 7", "seven"]
+    x_t, t, _ = attack_batch(latents, len(prompts), 2, scheduler, seed=0)
+    target = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+    calls = []
+    handle = tiny_pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        cond, losses = soft_prefix_attack(
+            tiny_pipe.unet, encoder, target, x_t, t, encoder.ids(prompts), 2, 12, 0.05, seed=0
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 12 and len(losses) == 12
+    assert losses[-1] < losses[0], losses
+    assert cond.shape == encoder.encode(prompts).shape and not cond.requires_grad
+    with torch.no_grad():  # the prompt's own tokens follow the two free ones
+        plain = encoder.encode(prompts)
+    assert not torch.allclose(cond, plain)
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+
+
+def test_esd_under_attack_asks_the_teacher_about_the_plain_prompt():
+    """AdvUnlearn's ESD target: the student sees the attacked conditioning, the teacher's
+    negative guidance is computed from the plain forget prompt; `esd_from_anchor` starts the
+    guidance from the anchor prompt instead of the empty one."""
+    from toolchain.unlearning import ForgetBatch, get_objective
+
+    def student(x, t, c):
+        return x * c.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    def teacher(x, t, c):
+        return x + c.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    x = torch.ones(1, 1, 2, 2)
+    plain, attacked, uncond = (torch.full((1, 3, 2), v) for v in (2.0, 5.0, 0.0))
+    esd = get_objective("esd")
+    cfg = FinetuneConfig()
+    with_plain = esd(student, teacher, ForgetBatch(x, torch.zeros(1), attacked, uncond, uncond, plain), cfg)
+    # student 5·x = 5, target T(∅) − (T(c) − T(∅)) = 1 − (3 − 1) = −1 with c the plain prompt
+    assert with_plain.item() == pytest.approx(36.0)
+    without = esd(student, teacher, ForgetBatch(x, torch.zeros(1), attacked, uncond, uncond), cfg)
+    assert without.item() == pytest.approx((5.0 - (1.0 - 5.0)) ** 2)
+    # esd_from_anchor: base T(a) = 2 for an anchor of 1, target 2 − (3 − 2) = 1
+    anchor = torch.full((1, 3, 2), 1.0)
+    batch = ForgetBatch(x, torch.zeros(1), attacked, uncond, anchor, plain)
+    assert esd(student, teacher, batch, FinetuneConfig(esd_from_anchor=True)).item() == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("inner", ["embedding", "prefix"])
+def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, tmp_path, inner):
     from toolchain.attacks import PromptEncoder
     from toolchain.stages.finetune import prepare_data, train
 
@@ -178,7 +247,9 @@ def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, 
         tiny_pipe, ["the number 1"], [("seven", "a handwritten digit")], FinetuneConfig(**fast), tmp_path / "s"
     )
     assert data.ids.shape == (len(data.emb), tiny_pipe.tokenizer.model_max_length)
-    cfg = FinetuneConfig(**fast, mode="bilevel", steps=2, upper_every=1, robust=True, robust_attack_steps=2)
+    cfg = FinetuneConfig(
+        **fast, mode="bilevel", steps=2, upper_every=1, robust=True, robust_attack=inner, robust_attack_steps=2
+    )
     student = copy.deepcopy(tiny_pipe.unet)
     with pytest.raises(ConfigError, match="robust"):
         train(student, tiny_pipe.unet, data, cfg, dict(tiny_pipe.scheduler.config), tmp_path / "a")
@@ -268,7 +339,9 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     ]
     stages = [{"name": a.stage} for a in chain]
     bench = BenchmarkConfig(eval_steps=2, judge="digits")
-    budget = AttackConfig(enabled=True, n_prompts=2, steps=2, batch=2, images_per_prompt=1, inversion_steps=2)
+    budget = AttackConfig(
+        enabled=True, n_prompts=2, steps=2, batch=2, images_per_prompt=1, inversion_steps=2, soft_steps=2
+    )
     run_config = RunConfig(erase=["7"], attack=budget)
     evaluation = _evaluation_plan(chain[0], ["7"], bench)
 
@@ -280,43 +353,49 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
         attack = entry["attack"]["7"]
         assert attack["attacked_on"] == entry["name"]
         assert 0.0 <= attack["prompt_attack"] <= 1.0 and 0.0 <= attack["embedding_attack"] <= 1.0
+        assert 0.0 <= attack["soft_prompt_attack"] <= 1.0 and attack["budget"]["soft_steps"] == 2
         assert attack["budget"]["prefix_tokens"] == 3 and attack["budget"]["steps"] == 2
         assert len(attack["prompts"]) == 2
     transfer = stages[2]["attack"]["7"]
     assert transfer["attacked_on"] == "finetune" and transfer["prompts"] == stages[1]["attack"]["7"]["prompts"]
-    assert transfer["embedding_attack"] is None and 0.0 <= transfer["prompt_attack"] <= 1.0
+    assert transfer["embedding_attack"] is None and transfer["soft_prompt_attack"] is None
+    assert 0.0 <= transfer["prompt_attack"] <= 1.0
     untouched = [{"name": a.stage} for a in chain]
     _attack_stages(chain, untouched, evaluation, RunConfig(erase=["7"]), bench, files, [], 1)  # attack.enabled false
     assert all("attack" not in entry for entry in untouched)
 
 
-@pytest.mark.slow
-def test_robust_option_lowers_attack_success_in_a_short_run(digits, tmp_path):
-    """8 ESD upper steps on "seven" leave an erasure the prefix attack breaks (measured: 56% of
-    attacked images are 7s, plain 6%); the same 8 steps with the robust option (attacked prompts in
-    half of each forget batch) leave less for it to find (measured: 44%). Deterministic under the
-    fixed seeds and one torch thread; about 3 minutes on 2 shared CPU cores."""
+def test_robust_option_lowers_attack_success_relative_to_plain_bilevel_in_a_short_run(digits, tmp_path):
+    """8 bilevel steps, each with an ESD upper step on "seven" (cross-attention only), leave an
+    erasure the prefix attack breaks (measured: 31% of 48 attacked images are 7s, plain 6%); the
+    same 8 steps with the robust option (attacked prompts in half of each forget batch) leave less
+    for it to find, with either inner attack (measured: 19% with the continuous soft-prompt attack,
+    21% with the discrete prefix search). Deterministic under the fixed seeds and one torch
+    thread; under a minute on 2 CPU cores."""
     from benchmarks.leakage import get_judge
     from toolchain.attacks import attack_concept
 
     pipe, data = digits
     latents = data.latents[data.forget_rows]
     judge = get_judge("digits")
+    budget = AttackConfig(**{**ATTACK, "images_per_prompt": 48})
     rates = {}
-    for robust in (False, True):
+    for inner in ("plain", "embedding", "prefix"):
+        robust = dict(robust=True, robust_attack=inner, robust_attack_steps=8 if inner == "embedding" else 4)
         erased = _naive_erasure(
             digits,
-            tmp_path / str(robust),
-            steps=9,
-            unlearn_steps=8,
-            robust=robust,
-            robust_attack_steps=4,
+            tmp_path / inner,
+            mode="bilevel",
+            steps=8,
+            upper_every=1,
             robust_retain_weight=0.0,
+            **({} if inner == "plain" else robust),
         )
-        report = attack_concept(erased, pipe, latents, ["seven"], "7", judge, AttackConfig(**ATTACK), 10)
-        assert report.plain <= 0.15, "both must erase the plain prompt"
-        rates[robust] = report.prompt_attack
-    assert rates[True] < rates[False], rates
+        report = attack_concept(erased, pipe, latents, ["seven"], "7", judge, budget, 10)
+        assert report.plain <= 0.1, "each must erase the plain prompt"
+        rates[inner] = report.prompt_attack
+    assert rates["plain"] >= 0.25, rates
+    assert rates["embedding"] < rates["plain"] and rates["prefix"] < rates["plain"], rates
 
 
 def test_report_and_plot_show_attack_success_per_stage(tmp_path):
@@ -324,9 +403,9 @@ def test_report_and_plot_show_attack_success_per_stage(tmp_path):
     from benchmarks.report import render_markdown
 
     def attack(prompt, embedding, on):
-        return {
-            "7": {"heldout_leakage": 0.0, "prompt_attack": prompt, "embedding_attack": embedding, "attacked_on": on}
-        }
+        soft = None if embedding is None else embedding / 2
+        figures = {"prompt_attack": prompt, "soft_prompt_attack": soft, "embedding_attack": embedding}
+        return {"7": {"heldout_leakage": 0.0, **figures, "attacked_on": on, "wall_s": 12.0}}
 
     stages = [
         {"name": "source", "leakage": {"7": 1.0}, "retain_accuracy": 1.0, "attack": attack(1.0, 1.0, "source")},
@@ -338,3 +417,16 @@ def test_report_and_plot_show_attack_success_per_stage(tmp_path):
     assert (tmp_path / ATTACK_PNG).stat().st_size > 0
     text = render_markdown({**report, "plots": [ATTACK_PNG]})
     assert "prompt_attack" in text and "embedding_attack" in text and "attacked_on" in text
+    assert "soft_prompt_attack" in text
+
+
+def test_gate_compares_attack_success_but_not_attack_wall_time():
+    from benchmarks.regress import compare
+
+    def report(prompt, soft, wall_s):
+        figures = {"prompt_attack": prompt, "soft_prompt_attack": soft, "embedding_attack": 0.1, "wall_s": wall_s}
+        return {"stages": [{"name": "finetune", "attack": {"7": {**figures, "prompts": ["x 7"], "budget": {}}}}]}
+
+    assert compare(report(0.1, 0.2, 99.0), report(0.1, 0.2, 10.0)) == []
+    failed = [r.metric for r in compare(report(0.2, 0.3, 10.0), report(0.1, 0.2, 10.0))]
+    assert failed == ["prompt_attack finetune/7", "soft_prompt_attack finetune/7"]

@@ -1,6 +1,7 @@
-"""White-box attacks on concept erasure: a discrete prefix-prompt attack and concept inversion.
+"""White-box attacks on concept erasure: a discrete prefix-prompt attack, its continuous
+(soft-prompt) form and concept inversion.
 
-Both need gradients, so they run on PyTorch models (a diffusers pipeline's `text_encoder`,
+All need gradients, so they run on PyTorch models (a diffusers pipeline's `text_encoder`,
 `tokenizer` and `unet`); the prompts the prefix attack finds are plain strings, so an exported
 model can be measured with them too (transfer).
 
@@ -22,6 +23,10 @@ model can be measured with them too (transfer).
   steps comparable; the vocabulary is every whole-word token ("...</w>") that round-trips
   through the tokenizer, so the found prefix decodes to a string that encodes back to the same
   tokens. The concept latents are the original model's own DDIM samples of the concept prompts.
+- Soft-prompt attack (AdvUnlearn's `SoftPromptAttack`, the attack its training alternates with):
+  the same k-token prefix and matching loss as the prefix attack, but the prefix embeddings are
+  free vectors moved by Adam, with no projection to tokens. A superset of the discrete attack's
+  reach, measured on PyTorch models only (its prompts are not text).
 - Concept inversion (textual inversion, Gal et al. 2022, used as an attack on erasure by Pham et
   al. 2024): one new token embedding v is learned with the denoising loss of the *erased* model
   on concept latents, min_v MSE(S(x_t, t, E("<v>")), eps); the erased model then generates from
@@ -127,6 +132,17 @@ class PromptEncoder:
         return [" ".join(self.tokenizer.decode([int(i)]).strip() for i in row) for row in prefix_ids]
 
 
+def _rows_per_prompt(prefix_tokens: int, steps: int, n_prompts: int, n_rows: int) -> int:
+    """Check a prefix attack's budget and batch; returns the attack rows per prompt."""
+    if prefix_tokens < 1:
+        raise ValueError(f"prefix_tokens={prefix_tokens}: the prefix attack needs at least one token")
+    if steps < 0:
+        raise ValueError(f"steps={steps}: must be >= 0")
+    if n_prompts == 0 or n_rows % n_prompts:
+        raise ValueError(f"{n_rows} attack latents do not split over {n_prompts} prompts")
+    return n_rows // n_prompts
+
+
 @dataclass
 class PrefixAttack:
     """The result of `prefix_attack`: one attacked prompt per input prompt.
@@ -190,14 +206,8 @@ def prefix_attack(
     the one with the highest judged rate (ties: the later one), as UnlearnDiffAtk stops on the
     classifier's verdict. Without it, the prefix with the lowest loss.
     """
-    if prefix_tokens < 1:
-        raise ValueError(f"prefix_tokens={prefix_tokens}: the prefix attack needs at least one token")
-    if steps < 0:
-        raise ValueError(f"steps={steps}: must be >= 0")
     n = len(prompts)
-    if n == 0 or len(x_t) % n:
-        raise ValueError(f"{len(x_t)} attack latents do not split over {n} prompts")
-    per = len(x_t) // n
+    per = _rows_per_prompt(prefix_tokens, steps, n, len(x_t))
     device = encoder.table.device
     table = encoder.table.detach()
     pool = encoder.candidates.to(device)
@@ -261,6 +271,55 @@ def prefix_attack(
         loss_best=loss.detach().cpu().tolist(),
         steps=steps,
     )
+
+
+def soft_prefix_attack(
+    unet,
+    encoder: PromptEncoder,
+    target: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    ids: torch.Tensor,
+    prefix_tokens: int,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[float]]:
+    """The continuous prefix attack AdvUnlearn trains against (its `SoftPromptAttack`):
+    `prefix_tokens` free token embeddings per prompt, started from random vocabulary tokens and
+    moved by `steps` Adam steps (lr `lr`) on the same matching loss as `prefix_attack`,
+    MSE(S(x_t, t, E(P + prompt)), target), with no projection to tokens. It is a stronger
+    adversary than the discrete search (it reaches every embedding, as concept inversion does) at
+    one UNet forward/backward per step, so it is the robust option's default inner attack.
+
+    ids (N, L): token ids of the N prompts; x_t, t, target: b = len(x_t) / N rows per prompt, in
+    prompt order. The UNet's parameters get no gradient. Returns the attacked text embeddings
+    (N, L, D), detached, and the loss before each step."""
+    n = len(ids)
+    per = _rows_per_prompt(prefix_tokens, steps, n, len(x_t))
+    device = encoder.table.device
+    ids, x_t, t, target = ids.to(device), x_t.to(device), t.to(device), target.to(device).float()
+    g = torch.Generator().manual_seed(seed)
+    pool = encoder.candidates
+    start = pool[torch.randint(len(pool), (n, prefix_tokens), generator=g)].to(device)
+    prefix = encoder.table.detach()[start].float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([prefix], lr=lr)
+    history = []
+
+    def attacked() -> torch.Tensor:
+        embeddings = encoder.with_prefix(ids, prefix.to(encoder.table.dtype))
+        return encoder.encode_embeddings(embeddings)
+
+    for _ in range(steps):
+        cond = attacked().repeat_interleave(per, 0)
+        pred = unet(x_t, t, encoder_hidden_states=cond.to(x_t.dtype)).sample
+        loss = F.mse_loss(pred.float(), target)
+        (prefix.grad,) = torch.autograd.grad(loss, prefix)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(loss.item())
+    with torch.no_grad():
+        return attacked(), history
 
 
 def concept_inversion(
@@ -357,6 +416,7 @@ class AttackReport:
 
     prompt_attack: float  # share of attacked-prompt generations judged as the concept
     embedding_attack: float | None  # same for the inverted embedding (None: inversion off)
+    soft_attack: float | None  # same for the soft-prompt attack's embeddings (None: off)
     plain: float  # the same prompts and seeds without the prefix
     attacked_prompts: list[str]
     prefix_loss_start: float
@@ -364,6 +424,7 @@ class AttackReport:
     prefix_tokens: int
     steps: int
     inversion_steps: int
+    soft_steps: int
     wall_s: float
     extra: dict = field(default_factory=dict)
 
@@ -371,6 +432,7 @@ class AttackReport:
         return {
             "prompt_attack": self.prompt_attack,
             "embedding_attack": self.embedding_attack,
+            "soft_prompt_attack": self.soft_attack,
             "plain": self.plain,
             "prompts": list(self.attacked_prompts),
             "prefix_loss": [round(self.prefix_loss_start, 6), round(self.prefix_loss_best, 6)],
@@ -378,6 +440,7 @@ class AttackReport:
                 "prefix_tokens": self.prefix_tokens,
                 "steps": self.steps,
                 "inversion_steps": self.inversion_steps,
+                "soft_steps": self.soft_steps,
             },
             "wall_s": round(self.wall_s, 2),
             **self.extra,
@@ -395,10 +458,10 @@ def attack_concept(
     steps: int = 25,
     guidance_scale: float = 5.0,
 ) -> AttackReport:
-    """Run both attacks of `cfg` (an `AttackConfig`) against `erased_pipe` for one concept.
+    """Run the attacks of `cfg` (an `AttackConfig`) against `erased_pipe` for one concept.
 
     original_pipe: the model before erasure; its UNet on its own text embedding of the plain prompt
-    is the prefix attack's target. latents: concept latents (M, C, h, w)
+    is the prefix and soft-prompt attacks' target. latents: concept latents (M, C, h, w)
     from `concept_latents`. prompts: the concept's prompts; the first `cfg.n_prompts` (cycled)
     are attacked. Generation: `steps` DDIM steps at `guidance_scale`, seeds from `cfg.seed`.
     """
@@ -445,6 +508,16 @@ def attack_concept(
     prompt_rate = float((judge.classify(attacked_images).labels == str(label)).mean())
     plain_rate = float((judge.classify(plain_images).labels == str(label)).mean())
 
+    soft_rate = None
+    if cfg.soft_steps > 0:
+        cond, _ = soft_prefix_attack(
+            unet, encoder, target, x_t, t, encoder.ids(chosen), cfg.prefix_tokens, cfg.soft_steps, cfg.soft_lr, cfg.seed
+        )
+        images = generate_from_embeddings(
+            erased_pipe, cond.repeat_interleave(n, 0), cfg.seed + 1, steps, guidance_scale
+        )
+        soft_rate = float((judge.classify(images).labels == str(label)).mean())
+
     embedding_rate = None
     if cfg.inversion_steps > 0:
         vector, _ = concept_inversion(
@@ -458,6 +531,7 @@ def attack_concept(
     report = AttackReport(
         prompt_attack=prompt_rate,
         embedding_attack=embedding_rate,
+        soft_attack=soft_rate,
         plain=plain_rate,
         attacked_prompts=found.attacked,
         prefix_loss_start=float(np.mean(found.loss_start)),
@@ -465,13 +539,15 @@ def attack_concept(
         prefix_tokens=cfg.prefix_tokens,
         steps=cfg.steps,
         inversion_steps=cfg.inversion_steps,
+        soft_steps=cfg.soft_steps,
         wall_s=time.perf_counter() - start,
     )
     logger.info(
-        "attack %s: prompt %.3f (plain %.3f), embedding %s, %.1f s",
+        "attack %s: prompt %.3f (plain %.3f), soft %s, embedding %s, %.1f s",
         label,
         prompt_rate,
         plain_rate,
+        soft_rate,
         embedding_rate,
         report.wall_s,
     )

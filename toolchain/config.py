@@ -148,19 +148,24 @@ class FinetuneConfig:
     sample_steps: int = 25  # DDIM steps of the teacher samples
     sample_guidance: float = 5.0  # guidance scale of the teacher samples
     esd_eta: float = 1.0  # ESD negative-guidance strength
+    esd_from_anchor: bool = False  # ESD: guide away from the concept starting from its anchor prompt, not ""
     abo_beta: float = 1.0  # All-but-One: weight of the unconditional-score term
     erasediff_lambda: float = 1.0  # EraseDiff: fixed λ; < 0 = adaptive max(η − cos, 0)
     erasediff_eta: float = 0.1  # EraseDiff: η of the adaptive rule
     erasediff_inner_steps: int = 0  # EraseDiff: steps estimating min L_f on a copy (log only)
-    # AdvUnlearn-style robust upper level: before every upper step, `robust_attack_steps` prefix-attack
-    # steps (toolchain/attacks.py) find `robust_prefix_tokens` tokens that bring the concept back in
-    # the current student; the unlearning loss is taken on the attacked prompts, plus
-    # robust_retain_weight·MSE(S, T) on retain prompts. Costs about robust_attack_steps extra
-    # forward/backward passes per upper step (reported as robust.attack_s in the summary)
+    # AdvUnlearn-style robust upper level: before every upper step, `robust_attack_steps` steps of an
+    # attack (toolchain/attacks.py) find `robust_prefix_tokens` prefix tokens that bring the concept
+    # back in the current student; the unlearning loss is taken on the attacked prompts, plus
+    # robust_retain_weight·MSE(S, T) on retain prompts. `embedding`: continuous prefix embeddings
+    # (AdvUnlearn's soft-prompt attack, Adam lr robust_attack_lr); `prefix`: the discrete token
+    # search of the prefix attack (robust_attack_candidates swaps checked per step). Costs about
+    # robust_attack_steps extra forward/backward passes per upper step (robust.attack_s in the summary)
     robust: bool = False
-    robust_attack_steps: int = 4  # attack steps per upper step (AdvUnlearn: 30 on SD)
+    robust_attack: Literal["embedding", "prefix"] = "embedding"
+    robust_attack_steps: int = 8  # attack steps per upper step (AdvUnlearn: 30 on SD)
     robust_prefix_tokens: int = 3  # adversarial prefix tokens (UnlearnDiffAtk / AdvUnlearn: 5)
-    robust_attack_candidates: int = 8  # single-token swaps checked per example and attack step
+    robust_attack_lr: float = 0.005  # `embedding`: Adam lr of the prefix embeddings (AdvUnlearn: 1e-3 on SD)
+    robust_attack_candidates: int = 8  # `prefix`: single-token swaps checked per example and attack step
     robust_attacked_share: float = 0.5  # share of a forget batch conditioned on attacked prompts (rest plain)
     robust_retain_weight: float = 1.0  # weight of the retain term MSE(S(x_t,c_r), T(x_t,c_r))
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision
@@ -235,6 +240,8 @@ class FinetuneConfig:
             raise ConfigError(
                 f"finetune.robust_attacked_share={self.robust_attacked_share}: must be in [0, 1], e.g. 0.5"
             )
+        if not self.robust_attack_lr > 0:
+            raise ConfigError(f"finetune.robust_attack_lr={self.robust_attack_lr}: must be > 0, e.g. 0.005")
         if self.robust_retain_weight < 0:
             raise ConfigError(f"finetune.robust_retain_weight={self.robust_retain_weight}: must be >= 0, e.g. 1.0")
         self._check_sfd()
@@ -462,10 +469,12 @@ class BenchmarkConfig:
 @dataclass(frozen=True)
 class AttackConfig:
     """White-box attacks on erasure, run by the benchmark stage on every PyTorch stage's model
-    (toolchain/attacks.py): a discrete prefix-prompt attack (UnlearnDiffAtk-style) and concept
-    inversion (one learned token embedding); the exported model is measured with the found prompts.
-    Cost per stage: about `steps` + `inversion_steps` forward/backward passes of the UNet at batch
-    n_prompts·batch (resp. batch), plus generation of 2·n_prompts·images_per_prompt images."""
+    (toolchain/attacks.py): a discrete prefix-prompt attack (UnlearnDiffAtk-style), a soft-prompt
+    attack (continuous prefix embeddings, what AdvUnlearn trains against) and concept inversion (one
+    learned token embedding); the exported model is measured with the found discrete prompts.
+    Cost per stage: about `steps` + `soft_steps` + `inversion_steps` forward/backward passes of the
+    UNet at batch n_prompts·batch (resp. batch), plus generation of 3·n_prompts·images_per_prompt
+    images."""
 
     enabled: bool = False  # run the attacks (needs --erase and a judge)
     prefix_tokens: int = 3  # k adversarial prefix tokens (UnlearnDiffAtk: 5 on SD)
@@ -480,6 +489,8 @@ class AttackConfig:
     concept_images: int = 4  # original-model samples per concept prompt (the "concept images")
     inversion_steps: int = 100  # concept-inversion steps; 0 = no embedding attack
     inversion_lr: float = 0.005  # Adam lr of the inverted token embedding
+    soft_steps: int = 30  # soft-prompt attack: Adam steps on continuous prefix embeddings; 0 = off
+    soft_lr: float = 0.005  # its Adam lr
     seed: int = 0
 
     def __post_init__(self):
@@ -488,7 +499,7 @@ class AttackConfig:
                 f"attack.prefix_tokens={self.prefix_tokens}: the prefix attack needs at least 1 token, "
                 "e.g. attack.prefix_tokens=3"
             )
-        for name in ("steps", "inversion_steps"):
+        for name in ("steps", "inversion_steps", "soft_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"attack.{name}={getattr(self, name)}: must be >= 0, e.g. attack.{name}=40")
         for name in (
@@ -504,8 +515,9 @@ class AttackConfig:
                 raise ConfigError(f"attack.{name}={getattr(self, name)}: must be >= 1")
         if self.select_every < 0:
             raise ConfigError(f"attack.select_every={self.select_every}: must be >= 0, e.g. attack.select_every=10")
-        if not self.inversion_lr > 0:
-            raise ConfigError(f"attack.inversion_lr={self.inversion_lr}: must be > 0, e.g. 0.005")
+        for name in ("inversion_lr", "soft_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"attack.{name}={getattr(self, name)}: must be > 0, e.g. 0.005")
 
 
 @dataclass(frozen=True)

@@ -445,5 +445,11 @@ def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, 
 
                 rate = transfer_rate(generate, prompts, label, judge, acfg.images_per_prompt, acfg.seed)
                 attack = entry.setdefault("attack", {}).setdefault(label, {})
-                attack.update(prompt_attack=rate, embedding_attack=None, prompts=prompts, attacked_on=stage)
+                attack.update(
+                    prompt_attack=rate,
+                    soft_prompt_attack=None,
+                    embedding_attack=None,
+                    prompts=prompts,
+                    attacked_on=stage,
+                )
             del ort_pipe

@@ -23,12 +23,14 @@ teacher samples of the erase prompts, or the concept file's `images`, or teacher
 anchor prompt for `ablation`); it may change only
 the `trainable` subset. EraseDiff adds its retain term and its constrained first-order step here.
 Robust option (`robust`, in the manner of AdvUnlearn, Zhang et al. 2024, `OPTML-Group/AdvUnlearn`):
-before every upper step, `robust_attack_steps` steps of the discrete prefix attack of
-toolchain/attacks.py search `robust_prefix_tokens` tokens per forget example that make the current
-student's prediction match the teacher's concept prediction (the inner maximisation); the upper
-objective is then taken with those attacked prompts for `robust_attacked_share` of the batch (the
-rest keep the plain prompts), plus `robust_retain_weight`·MSE(S(x_t,c_r), T(x_t,c_r)) on a retain
-batch (AdvUnlearn's utility term). Its extra wall time is `robust` in the summary.
+before every upper step, `robust_attack_steps` steps of an attack from toolchain/attacks.py find
+`robust_prefix_tokens` prefix tokens per forget example that make the current student's
+prediction match the teacher's concept prediction (the inner maximisation): continuous prefix
+embeddings (`robust_attack=embedding`, AdvUnlearn's own soft-prompt attack) or the discrete token
+search (`prefix`). The upper objective is then taken with those attacked prompts for
+`robust_attacked_share` of the batch (the rest keep the plain prompts), plus
+`robust_retain_weight`·MSE(S(x_t,c_r), T(x_t,c_r)) on a retain batch (AdvUnlearn's utility term).
+Its extra wall time is `robust` in the summary.
 
 Modes (same number of steps `steps` in each):
 - distill: lower steps only.
@@ -664,6 +666,7 @@ def train(
             cond=emb[fpids] if attacked is None else local(attacked, micro),
             uncond=emb[torch.zeros_like(fpids)],
             anchor=emb[apids],
+            plain=None if attacked is None else emb[fpids],
         )
         with accelerator.autocast():
             return objective(student_fn, teacher_fn, forget, cfg)
@@ -673,7 +676,7 @@ def train(
         prompt_encoder.text_encoder.to(device).requires_grad_(False)
 
     def robust_conditioning(batch, step: int) -> torch.Tensor | None:
-        """AdvUnlearn's inner level: `robust_attack_steps` steps of the prefix attack
+        """AdvUnlearn's inner level: `robust_attack_steps` steps of the `robust_attack` attack
         (toolchain/attacks.py) against the current student on every other forget example (share
         `robust_attacked_share`, one prefix each); returns the forget conditioning (B, L, D) with
         those rows attacked and the rest plain, or None when not robust. Keeping plain rows keeps
@@ -681,7 +684,7 @@ def train(
         whole global batch (same seed, same weights: same result)."""
         if not robust:
             return None
-        from toolchain.attacks import prefix_attack
+        from toolchain.attacks import prefix_attack, soft_prefix_attack
 
         started_at = time.perf_counter()
         x0, noise, t, fpids, _ = batch
@@ -692,21 +695,17 @@ def train(
             with torch.no_grad():
                 target = teacher(x_t.to(device), t[rows].to(device), encoder_hidden_states=cond[rows].to(device)).sample
             ids = data.ids[fpids[rows]]
-            found = prefix_attack(
-                unwrapped.unet,
-                prompt_encoder,
-                target,
-                x_t,
-                t[rows],
-                ids,
-                cfg.robust_prefix_tokens,
-                cfg.robust_attack_steps,
-                candidates=cfg.robust_attack_candidates,
-                seed=cfg.seed * 1_000_003 + step,
-            )
-            with torch.no_grad():
-                prefix = prompt_encoder.table[found.prefix_ids.to(prompt_encoder.table.device)]
-                attacked = prompt_encoder.encode_embeddings(prompt_encoder.with_prefix(ids, prefix))
+            seed = cfg.seed * 1_000_003 + step
+            args = (unwrapped.unet, prompt_encoder, target, x_t, t[rows], ids, cfg.robust_prefix_tokens)
+            if cfg.robust_attack == "embedding":
+                attacked, _ = soft_prefix_attack(*args, cfg.robust_attack_steps, cfg.robust_attack_lr, seed=seed)
+            else:
+                found = prefix_attack(
+                    *args, cfg.robust_attack_steps, candidates=cfg.robust_attack_candidates, seed=seed
+                )
+                with torch.no_grad():
+                    prefix = prompt_encoder.table[found.prefix_ids.to(prompt_encoder.table.device)]
+                    attacked = prompt_encoder.encode_embeddings(prompt_encoder.with_prefix(ids, prefix))
             cond[rows] = attacked.float().cpu()
         robust_cost["attack_s"] += time.perf_counter() - started_at
         robust_cost["attacks"] += 1

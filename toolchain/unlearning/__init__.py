@@ -34,7 +34,10 @@ class ForgetBatch:
 
     x_t: (B, C, h, w) noised latents; t: (B,) timesteps; cond: (B, L, D) forget-prompt
     embeddings; uncond: (B, L, D) empty-prompt embeddings; anchor: (B, L, D) anchor / override /
-    replacement / pseudo prompt embeddings (`ConceptConfig.anchor_prompt`; "" when unset).
+    replacement / pseudo prompt embeddings (`ConceptConfig.anchor_prompt`; "" when unset);
+    plain: (B, L, D) the forget prompts' own embeddings where `cond` holds attacked ones (the
+    robust option), else None. The student is asked with `cond`, the teacher with `teacher_cond`
+    (AdvUnlearn's ESD target asks the original model about the plain prompt).
     """
 
     x_t: torch.Tensor
@@ -42,6 +45,11 @@ class ForgetBatch:
     cond: torch.Tensor
     uncond: torch.Tensor
     anchor: torch.Tensor
+    plain: torch.Tensor | None = None
+
+    @property
+    def teacher_cond(self) -> torch.Tensor:
+        return self.cond if self.plain is None else self.plain
 
 
 def register_objective(name: str, latents: str = "forget"):
