@@ -3,12 +3,14 @@
 Rows: the teacher; distillation alone (no unlearning); plain bilevel with EraseDiff (the default
 recipe's objective) and with ESD; the same with the AdvUnlearn-style robust option
 (`finetune.robust`; "+robust" trains against the continuous soft-prompt attack, the default,
-"+robust-prefix" against the discrete prefix search). Columns: leakage of 7 on its training prompts and on held-out phrasings,
-success of the white-box prefix-prompt attack and of concept inversion (toolchain/attacks.py,
-budget in `settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
+"+robust-prefix" against the discrete prefix search). Columns: leakage of 7 on its training
+prompts and on held-out phrasings, success of the white-box prefix-prompt attack, of its
+continuous soft-prompt form and of concept inversion (toolchain/attacks.py, budget in
+`settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
 time and the robust option's share of it.
 
-    python -m benchmarks.attack_digits --steps 300 --out benchmarks/results/attack-digits
+    python -m benchmarks.attack_digits --steps 600 --set upper_every=3 esd_eta=2.0 esd_from_anchor=true \
+        --int8 bilevel-esd+robust --out benchmarks/results/attack-digits
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_plot(result: dict, path: Path) -> None:
-    """Plain leakage, prefix-attack and concept-inversion success per method (benchmarks/plots.py)."""
+    """Plain leakage and the three attacks' success per method (benchmarks/plots.py)."""
     from benchmarks.plots import attack_plot
 
     keys = ("prompt_attack", "soft_prompt_attack", "embedding_attack")
