@@ -9,7 +9,7 @@ continuous soft-prompt form and of concept inversion (toolchain/attacks.py, budg
 `settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
 time and the robust option's share of it.
 
-    python -m benchmarks.attack_digits --steps 600 --set upper_every=3 esd_eta=2.0 esd_from_anchor=true \
+    python -m benchmarks.attack_digits --steps 600 --set upper_every=3 esd_eta=2.0 esd_from_anchor=true \\
         --int8 bilevel-esd+robust --out benchmarks/results/attack-digits
 """
 
