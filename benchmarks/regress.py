@@ -4,7 +4,8 @@
     # `compress bench runs/ci --baseline benchmarks/results/baseline-default.json` exits 1 on any
 
 Checked, each row keyed so the same measurement is compared (stage / runtime / profile /
-component / batch / method): latency median_ms (ratio: CI machines are noisy), peak RSS (ratio),
+component / batch / method): latency median_ms (ratio, with an absolute allowance for
+sub-millisecond rows: CI machines are noisy), peak RSS (ratio),
 leakage per erased concept (+points), retain accuracy (-points), judge FID (+absolute), size
 (+percent) and export parity (max_abs_err against the row's own tolerance). A metric the
 baseline has and the report lacks is listed as "missing" but does not fail: targets and profiles
@@ -27,7 +28,8 @@ from toolchain.config import ConfigError
 class Tolerances:
     """How much worse than the baseline a report may be; `--tolerance key=value` overrides."""
 
-    latency_ratio: float = 1.5  # current median_ms <= baseline x this
+    latency_ratio: float = 1.5  # current median_ms <= baseline x this ...
+    latency_ms: float = 1.0  # ... or <= baseline + this: sub-millisecond rows are timer and scheduler noise
     memory_ratio: float = 1.5  # current peak_rss_bytes <= baseline x this
     leakage_points: float = 2.0  # leakage and attack success (percent points) <= baseline + this
     retain_points: float = 3.0  # retain accuracy (percent points) >= baseline - this
@@ -125,7 +127,8 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
             if section == "latency" and not same_machine:
                 rows.append(Regression(f"{section} {key}", b, c, None, "other machine"))
             else:
-                rows.append(_check(f"{section} {key}", b, c, b * ratio, True))
+                limit = max(b * ratio, b + tol.latency_ms) if section == "latency" else b * ratio
+                rows.append(_check(f"{section} {key}", b, c, limit, True))
     current = {_key(r, _PARITY_KEY): r for r in report.get("parity", [])}
     for base in baseline.get("parity", []):
         key = _key(base, _PARITY_KEY)

@@ -142,6 +142,10 @@ def test_gate_compares_latency_only_on_the_same_machine():
     for row in slower["latency"]:
         row["median_ms"] *= 3
     assert {r.metric.split()[0] for r in compare(slower, baseline)} == {"latency"}
+    jitter = copy.deepcopy(baseline)  # a sub-millisecond row 1.6x slower is within the 1 ms allowance
+    fast = next(r for r in jitter["latency"] if r["median_ms"] < 1.0)
+    fast["median_ms"] *= 1.6
+    assert compare(jitter, baseline) == []
     slower["machine"] = {**baseline["machine"], "cpu": "another CPU"}
     rows = [r for r in check_all(slower, baseline, Tolerances()) if r.metric.startswith("latency")]
     assert rows and all(r.verdict == "other machine" and not r.failed for r in rows)
