@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.digits_erase import erase_seven, markdown_header, write_result
+
 ROWS = (
     "teacher",
     "distill",
@@ -66,11 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
     import transformers
 
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from benchmarks.leakage import diffusers_generator, evaluate_concepts
     from toolchain.attacks import PromptEncoder, attack_concept, concept_latents
-    from toolchain.config import AttackConfig, FinetuneConfig, load_concept
-    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
-    from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.config import AttackConfig, FinetuneConfig
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -79,15 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
         enabled=True,
         **{"images_per_prompt": 16, **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.attack)}},
     )
-    seven = load_concept("7")
-    pipe = load_pipeline(EMBEDDED_MODEL)
-    teacher = pipe.unet
-    student0 = copy.deepcopy(teacher)
-    prune_unet_channels(student0, 0.3)
-    judge = get_judge("digits")
-    erase = {"7": seven.erase_prompts}
-    heldout = {"7": seven.heldout_prompts}
-    retain = dict(seven.retain_prompts)
+    world = erase_seven(0.3)
+    seven, pipe, teacher, student0, judge = world.seven, world.pipe, world.teacher, world.student0, world.judge
+    erase, heldout, retain = world.erase, world.heldout, world.retain
 
     tmp = Path(tempfile.mkdtemp(prefix="attack-digits-"))
     data = prepare_data(
@@ -191,10 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
             "rows": rows,
             **extra,
         }
+        write_result(args.out, result, to_markdown)
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(to_markdown(result))
             write_plot(result, args.out.with_suffix(".png"))
         return result
 
@@ -275,13 +267,7 @@ def to_markdown(result: dict) -> str:
     a = result["settings"]["attack"]
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [
-        "# Erasure under attack on the digits world: erase 7, 30% channel pruning",
-        "",
-        f"Command: `{result['command']}`  ",
-        *[f"Rows merged from: `{command}`  " for command in result.get("merged", [])],
-        f"Machine: {result['machine']['platform']}, 1 torch thread; versions: "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *markdown_header("Erasure under attack on the digits world: erase 7, 30% channel pruning", result),
         "| row | leakage 7 | held-out leakage | prefix attack | (same prompts, no prefix) | soft-prompt attack "
         "| concept inversion | retain acc | retain / teacher | judge FID | train wall s | robust s | attack s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.digits_erase import erase_seven, markdown_header, write_result
+
 ROWS = (
     "teacher",
     "pruned",
@@ -58,23 +60,15 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
     import transformers
 
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
-    from toolchain.config import FinetuneConfig, load_concept
-    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
-    from toolchain.pruning.channels import prune_unet_channels
+    from benchmarks.leakage import diffusers_generator, evaluate_concepts
+    from toolchain.config import FinetuneConfig
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
-    seven = load_concept("7")
-    pipe = load_pipeline(EMBEDDED_MODEL)
-    teacher = pipe.unet
-    student0 = copy.deepcopy(teacher)
-    prune_unet_channels(student0, 0.3)
-    judge = get_judge("digits")
-    erase = {"7": seven.erase_prompts}
-    heldout = {"7": seven.heldout_prompts}
-    retain = dict(seven.retain_prompts)
+    world = erase_seven(0.3)
+    seven, pipe, teacher, student0, judge = world.seven, world.pipe, world.teacher, world.student0, world.judge
+    erase, heldout, retain = world.erase, world.heldout, world.retain
 
     tmp = Path(tempfile.mkdtemp(prefix="finetune-digits-"))
     start = time.perf_counter()
@@ -188,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(result))
+    write_result(args.out, result, to_markdown)
     return result
 
 
@@ -200,12 +191,7 @@ def to_markdown(result: dict) -> str:
     teacher_acc = rows.get("teacher", {}).get("retain_accuracy")
     distill_s = rows.get("distill", {}).get("wall_s")
     lines = [
-        "# Finetune stage on the digits world: erase 7, 30% channel pruning",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['platform']}, 1 torch thread; versions: "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *markdown_header("Finetune stage on the digits world: erase 7, 30% channel pruning", result),
         "| row | leakage 7 | leakage 7 (held-out) | retain acc | retain / teacher | judge FID | wall s | x distill | steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.digits_erase import erase_seven, markdown_header, write_result
+
 ROWS = ("teacher", "bilevel", "sfd-1", "sfd-1@2", "sfd-1@4", "sfd-2")
 
 
@@ -53,24 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     from benchmarks.latency import OrtPipeline, time_callable
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from benchmarks.leakage import diffusers_generator, evaluate_concepts
     from export.onnx import export_onnx
-    from toolchain.config import FinetuneConfig, load_concept
+    from toolchain.config import FinetuneConfig
     from toolchain.models.io import EMBEDDED_MODEL, link_pipeline, load_pipeline, save_unet
     from toolchain.onestep import prompt_data, train_onestep, write_schedule
-    from toolchain.pruning.channels import prune_unet_channels
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     sfd_overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    seven = load_concept("7")
-    pipe = load_pipeline(EMBEDDED_MODEL)
-    teacher = pipe.unet
-    student0 = copy.deepcopy(teacher)
-    record = prune_unet_channels(student0, 0.3)
-    judge = get_judge("digits")
-    erase = {"7": seven.erase_prompts}
-    heldout = {"7": seven.heldout_prompts}
-    retain = dict(seven.retain_prompts)
+    world = erase_seven(0.3)
+    seven, pipe, teacher, student0, judge = world.seven, world.pipe, world.teacher, world.student0, world.judge
+    erase, heldout, retain = world.erase, world.heldout, world.retain
+    record = world.record
     forget_pairs = [(p, seven.anchor_prompt) for p in seven.erase_prompts]
     tmp = Path(tempfile.mkdtemp(prefix="onestep-digits-"))
     scheduler_config = dict(pipe.scheduler.config)
@@ -207,10 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(result))
+    write_result(args.out, result, to_markdown)
     return result
 
 
@@ -218,12 +211,9 @@ def to_markdown(result: dict) -> str:
     rows = result["rows"]
     teacher_acc = rows.get("teacher", {}).get("retain_accuracy")
     lines = [
-        "# Fewer denoising steps on the digits world: SFD generators vs the 25-step bilevel student (erase 7)",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']['platform']}, 1 torch thread; versions: "
-        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
+        *markdown_header(
+            "Fewer denoising steps on the digits world: SFD generators vs the 25-step bilevel student (erase 7)", result
+        ),
         "| row | UNet calls / image | leakage 7 | leakage 7 (held-out) | retain acc | retain / teacher | judge FID "
         "| ORT ms / image | speed-up vs bilevel | train wall s | steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
