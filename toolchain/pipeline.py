@@ -19,7 +19,6 @@ the `finetune` stage (DDP, each process a slice of the global batch), then exit.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import importlib
 import json
 import logging
@@ -33,7 +32,8 @@ from typing import Any
 
 from toolchain import artifact as art
 from toolchain.config import ConfigError, RunConfig, check_finetune, load_concept, resolve_finetune, to_dict
-from toolchain.models.io import check_pipeline_folder, link_or_copy_tree
+from toolchain.models.io import ModelError, check_pipeline_folder, link_or_copy_tree
+from toolchain.runfolder import RunFolder, RunLock, check_out_dir
 
 logger = logging.getLogger(__name__)
 
@@ -163,45 +163,9 @@ def _sealed_states(out: Path, model: Path, cfg: RunConfig, stages: list[Stage]) 
     return states
 
 
-class RunLock:
-    """One writer per run folder: an flock the OS releases when the process dies."""
-
-    def __init__(self, out: Path):
-        self.file = out / ".lock"
-
-    def __enter__(self):
-        self.handle = open(self.file, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise ConfigError(
-                f"--out {self.file.parent}: another compress run is writing there; wait or pick another --out"
-            ) from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse an --out that cannot be written, before anything is created."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"--out {out}: {probe} is a file, not a folder; pick another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable; pick a folder you can write to")
-
-
-def _seal_source(model: Path, out: Path) -> art.Artifact:
+def _seal_source(model: Path, run: RunFolder) -> art.Artifact:
     """The input model as artifact 00: a manifest pointing at it, fingerprinted by content."""
+    out = run.root
     folder = out / "00-source"
     digest = art.hash_folder(model)
     if (folder / art.MANIFEST).is_file():
@@ -211,7 +175,8 @@ def _seal_source(model: Path, out: Path) -> art.Artifact:
     from toolchain.stages.benchmark import component_params
 
     partial = out / ("00-source" + art.PARTIAL_SUFFIX)
-    shutil.rmtree(partial, ignore_errors=True)
+    run.remove(partial.name)
+    run.record(partial.name)
     partial.mkdir(parents=True)
     source = art.Artifact(
         path=partial,
@@ -222,7 +187,10 @@ def _seal_source(model: Path, out: Path) -> art.Artifact:
         metrics={"params": component_params(model), "size_bytes": art.folder_size(model)},
         versions=library_versions(),
     )
-    return art.seal(source, folder)
+    sealed = art.seal(source, folder)
+    run.record(folder.name)
+    run.forget(partial.name)
+    return sealed
 
 
 def library_versions() -> dict[str, str]:
@@ -303,6 +271,9 @@ def run(
         followers.send(None)  # no finetune ran (or it failed before): release the others
 
 
+REPORT_FILES = ("report.json", "report.md", "latency.png", "quality.png", "samples.png")
+
+
 def _run_main(
     cfg: RunConfig,
     model: Path,
@@ -317,25 +288,52 @@ def _run_main(
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"--from-stage {from_stage}: not in this plan; choose one of {names}")
     check_pipeline_folder(model)
-    check_out_dir(out)
+    check_out_dir(out, model)
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        expected = {"00-source"} | {f"{i:02d}-{s.name}" for i, s in enumerate(stages, 1)}
-        for folder in out.glob("[0-9][0-9]-*"):  # stages of an earlier, different plan
-            if folder.name.removesuffix(art.PARTIAL_SUFFIX) not in expected:
-                shutil.rmtree(folder)
-        # the deliverable is rebuilt at the end: a run that fails must not leave an older one
-        shutil.rmtree(out / "deploy" / cfg.target, ignore_errors=True)
-        for name in ("report.json", "report.md", "latency.png", "quality.png", "samples.png"):
-            (out / name).unlink(missing_ok=True)
-        chain = [_seal_source(model, out)]
-        rerun = force
-        for i, stage in enumerate(stages, 1):
-            rerun = rerun or stage.name == from_stage
-            artifact, ran = _run_stage(i, stage, cfg, out, chain, rerun, progress, followers)
-            chain.append(artifact)
-            rerun = rerun or ran  # everything after a stage that ran sees a new input
-        _deploy(cfg, out, chain)
+    folder = None
+    try:
+        with RunLock(out):
+            folder = RunFolder(out, existed)
+            folder.create()
+            return _run_chain(cfg, model, folder, stages, force, from_stage, progress, followers)
+    except (ConfigError, ModelError):
+        if folder is not None:  # bad input found late: leave nothing this invocation made
+            folder.remove_new()
+        raise
+
+
+def _run_chain(
+    cfg: RunConfig,
+    model: Path,
+    folder: RunFolder,
+    stages: list[Stage],
+    force: bool,
+    from_stage: str | None,
+    progress: bool,
+    followers: _Followers,
+) -> list[art.Artifact]:
+    """The chain under the run lock: clear what this run replaces (compress's own entries only),
+    run or skip each stage, lay out the deliverable."""
+    out = folder.root
+    planned = ["00-source"] + [f"{i:02d}-{s.name}" for i, s in enumerate(stages, 1)]
+    replaced = [*planned, *(n + art.PARTIAL_SUFFIX for n in planned), f"deploy/{cfg.target}", "deploy"]
+    for rel in [*replaced, *REPORT_FILES]:
+        folder.check_owned(rel)  # before any work: nothing of the user's is in the way
+    for old in out.glob("[0-9][0-9]-*"):  # stages of an earlier, different plan
+        if old.name.removesuffix(art.PARTIAL_SUFFIX) not in planned:
+            folder.remove(old.name)
+    # the deliverable is rebuilt at the end: a run that fails must not leave an older one
+    for rel in (f"deploy/{cfg.target}", *REPORT_FILES):
+        folder.remove(rel)
+    chain = [_seal_source(model, folder)]
+    rerun = force
+    for i, stage in enumerate(stages, 1):
+        rerun = rerun or stage.name == from_stage
+        artifact, ran = _run_stage(i, stage, cfg, folder, chain, rerun, progress, followers)
+        chain.append(artifact)
+        rerun = rerun or ran  # everything after a stage that ran sees a new input
+    _deploy(cfg, folder, chain)
     return chain
 
 
@@ -343,13 +341,14 @@ def _run_stage(
     i: int,
     stage: Stage,
     cfg: RunConfig,
-    out: Path,
+    folder: RunFolder,
     chain: list[art.Artifact],
     rerun: bool,
     progress: bool,
     followers: _Followers | None = None,
 ) -> tuple[art.Artifact, bool]:
     """Run one stage into its `.partial` folder and seal it, or skip it; returns (artifact, ran)."""
+    out = folder.root
     config = _stage_config(stage, cfg)
     fp = art.fingerprint(chain[-1].fingerprint, stage.name, stage.version, config)
     final = out / f"{i:02d}-{stage.name}"
@@ -362,7 +361,8 @@ def _run_stage(
     # A .partial of the same fingerprint may hold checkpoints to resume from; any other is stale.
     marker = partial / ".fingerprint"
     if partial.exists() and (not marker.is_file() or marker.read_text() != fp):
-        shutil.rmtree(partial)
+        folder.remove(partial.name)
+    folder.record(partial.name)
     partial.mkdir(parents=True, exist_ok=True)
     marker.write_text(fp)
     logger.info("%s: running", final.name)
@@ -379,26 +379,34 @@ def _run_stage(
     result.versions = library_versions()
     result.metrics["wall_s"] = round(time.perf_counter() - start, 3)
     marker.unlink()
-    return art.seal(result, final), True
+    sealed = art.seal(result, final)
+    folder.record(final.name)
+    folder.forget(partial.name)
+    return sealed, True
 
 
-def _deploy(cfg: RunConfig, out: Path, chain: list[art.Artifact]) -> None:
+def _deploy(cfg: RunConfig, folder: RunFolder, chain: list[art.Artifact]) -> None:
     """Copy the exported model to deploy/<target>/ and the report beside the run."""
+    out = folder.root
     exported = next(a for a in reversed(chain) if a.kind == cfg.target)
     report = next(a for a in reversed(chain) if a.stage == "benchmark")
     deploy = out / "deploy" / cfg.target
     staging = out / "deploy" / (cfg.target + art.PARTIAL_SUFFIX)
-    shutil.rmtree(staging, ignore_errors=True)
+    folder.record("deploy", str(staging.relative_to(out)))
+    folder.remove(str(staging.relative_to(out)))
     link_or_copy_tree(exported.path, staging)
     (staging / art.MANIFEST).unlink()
     plots = json.loads((report.path / "report.json").read_text()).get("plots", [])
     names = ["report.json", "report.md", *plots]
     for name in names:
         shutil.copy2(report.path / name, staging / name)
-    if deploy.exists():
-        shutil.rmtree(deploy)
+    folder.remove(str(deploy.relative_to(out)))
     os.replace(staging, deploy)
+    files = [str(p.relative_to(out)) for p in deploy.rglob("*") if not p.is_dir()]
+    folder.record(str(deploy.relative_to(out)), *files)
+    folder.forget(str(staging.relative_to(out)))
     for name in names:
         tmp = out / (name + ".tmp")
         shutil.copy2(report.path / name, tmp)
         os.replace(tmp, out / name)
+        folder.record(name)

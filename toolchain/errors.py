@@ -1,0 +1,10 @@
+"""Errors the CLI turns into exit codes; a light module so `compress` can catch them without
+importing the stages that raise them.
+
+Exit codes: 2 bad input (`ConfigError`, `ModelError`), 1 a gate failed (`GateError`),
+3 training diverged (`TrainingDivergedError`).
+"""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A loss became NaN/inf or exceeded `max_loss`; the last good checkpoint is kept."""
