@@ -8,14 +8,19 @@ registry (`@register_judge`), because concept files name the judge that scores t
 
     judge = get_judge("digits")
     scores = evaluate_concepts(diffusers_generator(pipe), judge, {"7": ["seven"]}, {"1": ["one"]}, 4, 0)
-    stage_entry.update(scores.to_report())
+    stage_entry.update(scores.to_report(), **scores.intervals())
+
+Every share (leakage, accuracy, attack success) is reported with its image count and a 95% Wilson
+score interval (`wilson_interval`, the one place the harness computes it): at the few images a CPU
+run judges, the interval says how far the share could move by chance.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -193,6 +198,31 @@ def _generator_sampler(pipe, schedule: dict, batch_size: int, latent_h: int, lat
 
 # --------------------------------------------------------------------------- metrics
 
+Z95 = 1.959963984540054  # standard normal quantile at 0.975: a two-sided 95% interval
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of `successes` out of `n` images. Unlike the normal
+    approximation it stays inside [0, 1] and is not zero-wide at 0/n or n/n, which are the
+    shares an erasure run reports most."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes}/{n}")
+    p, q = successes / n, z * z / n
+    center = (p + q / 2) / (1 + q)
+    half = z / (1 + q) * math.sqrt(p * (1 - p) / n + q / (4 * n))
+    low = 0.0 if successes == 0 else max(0.0, center - half)  # exact ends, not float dust
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
+
+
+def share_interval(share: float, n: int) -> list[float] | None:
+    """The rounded Wilson interval of a reported share of `n` images (report.json `*_ci95`);
+    None when there is no share to bound (no images, or NaN)."""
+    if not n or share is None or math.isnan(share):
+        return None
+    low, high = wilson_interval(round(share * n), n)
+    return [round(low, 4), round(high, 4)]
+
 
 def leakage_rate(images: np.ndarray, judge: Judge, label: str) -> float:
     """Share of `images` the judge classifies as `label` (1.0 = the concept fully present)."""
@@ -218,10 +248,23 @@ class ConceptScores:
     per_label_accuracy: dict[str, float]
     fid: float | None
     n_images: int
+    leakage_n: dict[str, int] = field(default_factory=dict)  # images judged per erased label
+    retain_n: int = 0  # retained images judged
+    per_label_n: dict[str, int] = field(default_factory=dict)
 
     def to_report(self) -> dict[str, Any]:
         """The keys of a report.json stage entry."""
         return {"leakage": dict(self.leakage), "retain_accuracy": self.retain_accuracy, "fid": self.fid}
+
+    def intervals(self) -> dict[str, Any]:
+        """The image counts and 95% Wilson intervals beside `to_report`'s shares (report.json
+        `leakage_n`, `leakage_ci95`, `retain_n`, `retain_ci95`)."""
+        return {
+            "leakage_n": dict(self.leakage_n),
+            "leakage_ci95": {k: share_interval(v, self.leakage_n.get(k, 0)) for k, v in self.leakage.items()},
+            "retain_n": self.retain_n,
+            "retain_ci95": share_interval(self.retain_accuracy, self.retain_n),
+        }
 
 
 def evaluate_concepts(
@@ -252,6 +295,7 @@ def evaluate_concepts(
     judged = judge.classify(images).labels
     labels_a = np.asarray(labels)
     per_label = {lab: float((judged[labels_a == lab] == lab).mean()) for lab in dict.fromkeys(labels)}
+    per_label_n = {lab: int((labels_a == lab).sum()) for lab in per_label}
     leakage = {str(lab): per_label[str(lab)] for lab in erase}
     retained = np.isin(labels_a, [str(lab) for lab in retain])
     retain_acc = float((judged[retained] == labels_a[retained]).mean()) if retained.any() else float("nan")
@@ -263,6 +307,9 @@ def evaluate_concepts(
         from benchmarks.quality import judge_fid
 
         fid = judge_fid(images[retained], real_images, judge)
-    scores = ConceptScores(leakage, retain_acc, per_label, fid, len(images))
+    leakage_n = {lab: per_label_n[lab] for lab in leakage}
+    scores = ConceptScores(
+        leakage, retain_acc, per_label, fid, len(images), leakage_n, int(retained.sum()), per_label_n
+    )
     logger.info("leakage %s, retain accuracy %.3f, fid %s", leakage, retain_acc, fid)
     return scores

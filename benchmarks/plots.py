@@ -54,25 +54,53 @@ def latency_plot(latency: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _wilson_errors(values: list[float], counts: list[int | None]) -> np.ndarray:
+    """(2, N) distances from each share to its 95% Wilson interval's ends, for `bar(yerr=...)`;
+    zero where the share has no image count (reports written before the counts) or is missing."""
+    from benchmarks.leakage import share_interval
+
+    errors = np.zeros((2, len(values)))
+    for i, (value, n) in enumerate(zip(values, counts, strict=True)):
+        interval = share_interval(float(value), int(n)) if n and value is not None else None
+        if interval is not None:
+            errors[:, i] = max(value - interval[0], 0.0), max(interval[1] - value, 0.0)
+    return errors
+
+
+def _bars(ax, x: np.ndarray, series: list[tuple[str, list, list]]) -> None:
+    """Grouped bars, one group per x, each share with its 95% Wilson interval as a whisker."""
+    width = 0.8 / len(series)
+    for i, (name, values, counts) in enumerate(series):
+        errors = _wilson_errors(values, counts)
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name, yerr=errors, capsize=2, ecolor="0.3")
+
+
 def quality_plot(stages: list[dict[str, Any]], path: Path) -> Path:
-    """Leakage per erased concept and retain accuracy per judged stage (0..1, higher retain is better)."""
+    """Leakage per erased concept and retain accuracy per judged stage (0..1, higher retain is better),
+    whiskers the 95% Wilson intervals where the report has image counts."""
     plt = _pyplot()
     judged = [s for s in stages if s.get("retain_accuracy") is not None]
     labels = sorted({k for s in judged for k in (s.get("leakage") or {})})
-    series = [(f"leakage {k}", [(s.get("leakage") or {}).get(k, np.nan) for s in judged]) for k in labels]
+    series = [
+        (
+            f"leakage {k}",
+            [(s.get("leakage") or {}).get(k, np.nan) for s in judged],
+            [(s.get("leakage_n") or {}).get(k) for s in judged],
+        )
+        for k in labels
+    ]
     for k in labels:
-        held = [((s.get("attack") or {}).get(k) or {}).get("heldout_leakage", np.nan) for s in judged]
+        attacks = [(s.get("attack") or {}).get(k) or {} for s in judged]
+        held = [a.get("heldout_leakage", np.nan) for a in attacks]
         if not np.isnan(held).all():
-            series.append((f"leakage {k}, held-out phrasings", held))
-    series.append(("retain accuracy", [s["retain_accuracy"] for s in judged]))
-    width = 0.8 / len(series)
+            series.append((f"leakage {k}, held-out phrasings", held, [a.get("heldout_leakage_n") for a in attacks]))
+    series.append(("retain accuracy", [s["retain_accuracy"] for s in judged], [s.get("retain_n") for s in judged]))
     fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(judged) + 2), 3.5))
     x = np.arange(len(judged))
-    for i, (name, values) in enumerate(series):
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    _bars(ax, x, series)
     ax.set_xticks(x, [s["name"] for s in judged])
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("share of images")
+    ax.set_ylabel("share of images (whisker: 95% interval)")
     ax.set_title("Leakage (erased, lower is better) and retain accuracy per stage")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -109,32 +137,32 @@ def sample_grid(samples: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 def attack_plot(stages: list[dict[str, Any]], path: Path, title: str = "per stage") -> Path:
     """Per stage (or per method: any named rows) and erased concept: plain leakage beside the
     prefix-attack, soft-prompt-attack and concept-inversion success (transferred prompts on exported stages); the
-    stage an attack ran on is in the label."""
+    stage an attack ran on is in the label; whiskers the 95% Wilson intervals where counts exist."""
     plt = _pyplot()
     attacked = [s for s in stages if any("prompt_attack" in a for a in (s.get("attack") or {}).values())]
     labels = sorted({k for s in attacked for k, a in s["attack"].items() if "prompt_attack" in a})
     series = []
     for k in labels:
-        series.append((f"leakage {k}", [(s.get("leakage") or {}).get(k, np.nan) for s in attacked]))
+        leakage = [(s.get("leakage") or {}).get(k, np.nan) for s in attacked]
+        series.append((f"leakage {k}", leakage, [(s.get("leakage_n") or {}).get(k) for s in attacked]))
         for key, name in (
             ("prompt_attack", "prefix attack"),
             ("soft_prompt_attack", "soft-prompt attack"),
             ("embedding_attack", "concept inversion"),
         ):
-            values = [(s["attack"].get(k) or {}).get(key) for s in attacked]
-            series.append((f"{name} {k}", [np.nan if v is None else v for v in values]))
-    width = 0.8 / len(series)
+            figures = [s["attack"].get(k) or {} for s in attacked]
+            values = [np.nan if a.get(key) is None else a[key] for a in figures]
+            series.append((f"{name} {k}", values, [a.get(f"{key}_n") for a in figures]))
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(attacked) + 2), 3.5))
     x = np.arange(len(attacked))
-    for i, (name, values) in enumerate(series):
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    _bars(ax, x, series)
     names = []
     for s in attacked:
         on = {(a or {}).get("attacked_on") for a in s["attack"].values()} - {None, s["name"]}
         names.append(s["name"] + (f"\n(prompts from {', '.join(sorted(on))})" if on else ""))
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("share of images judged as the concept")
+    ax.set_ylabel("share judged as the concept (whisker: 95%)")
     ax.set_title(f"Leakage and attack success {title} (lower is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -5,11 +5,20 @@
 
 Checked, each row keyed so the same measurement is compared (stage / runtime / profile /
 component / batch / method): latency median_ms (ratio, with an absolute allowance for
-sub-millisecond rows: CI machines are noisy), peak RSS (ratio),
-leakage per erased concept (+points), retain accuracy (-points), judge FID (+absolute), size
-(+percent) and export parity (max_abs_err against the row's own tolerance). A metric the
-baseline has and the report lacks is listed as "missing" but does not fail: targets and profiles
-differ between runs; a gate that needs it should run the same command as the baseline.
+sub-millisecond rows: CI machines are noisy), peak RSS (ratio), per stage (the exported,
+quantized and ORT models' rows too) leakage per erased concept, held-out leakage and attack
+success (+points), retain accuracy (-points), judge FID (+absolute), size (+percent), and export
+parity (max_abs_err against the row's own tolerance).
+
+The gate fails closed: a metric the baseline has and the report lacks, or reports as null
+(unjudged) or NaN, fails with the metric named, so an empty or half-measured report cannot pass;
+`allow_missing` (`--allow-missing KEY`) lets an intended schema change through. Reports that
+erase different concepts are not comparable and fail too.
+
+Shares are counted in images, so a points tolerance finer than one image cannot be resolved: it
+would silently mean "no change at all". With n the smaller image count of report and baseline
+(`leakage_n`, `retain_n`, `<attack>_n`), an explicit leakage_points / retain_points below 100/n
+is refused (ConfigError, exit 2); the defaults are 2 / 3 points or one image, whichever is larger.
 Latency is compared only when both reports come from the same machine (CPU model and core count
 in `report["machine"]`); on another machine its rows say "other machine" and do not fail, since a
 ratio to another computer's speed measures the computer, not the change.
@@ -18,7 +27,9 @@ ratio to another computer's speed measures the computer, not the change.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 from toolchain.config import ConfigError
@@ -31,8 +42,8 @@ class Tolerances:
     latency_ratio: float = 1.5  # current median_ms <= baseline x this ...
     latency_ms: float = 1.0  # ... or <= baseline + this: sub-millisecond rows are timer and scheduler noise
     memory_ratio: float = 1.5  # current peak_rss_bytes <= baseline x this
-    leakage_points: float = 2.0  # leakage and attack success (percent points) <= baseline + this
-    retain_points: float = 3.0  # retain accuracy (percent points) >= baseline - this
+    leakage_points: float | None = None  # leakage, held-out leakage, attack success (points) <= baseline + this
+    retain_points: float | None = None  # retain accuracy (points) >= baseline - this; unset: DEFAULT_POINTS
     fid_increase: float = 0.25  # judge FID <= baseline + this (absolute)
     size_percent: float = 5.0  # size_bytes <= baseline x (1 + this / 100)
     parity_ratio: float = 1.0  # max_abs_err <= the row's tolerance x this
@@ -54,6 +65,11 @@ class Tolerances:
         return cls(**values)
 
 
+# leakage_points / retain_points left unset: these points, or one image where the sample is smaller
+DEFAULT_POINTS = {"leakage_points": 2.0, "retain_points": 3.0}
+PASSING = ("ok", "other machine", "missing (allowed)")
+
+
 @dataclass(frozen=True)
 class Regression:
     """One compared metric; `failed` marks a regression (the row is also printed when it passed)."""
@@ -62,11 +78,11 @@ class Regression:
     baseline: float | None
     current: float | None
     limit: float | None
-    verdict: str  # "ok", "REGRESSION", "missing", "other machine"
+    verdict: str  # "ok", "REGRESSION", "MISSING", "NaN", "BASELINE NaN", "NO LIMIT", "DIFFERS", or a PASSING one
 
     @property
     def failed(self) -> bool:
-        return self.verdict == "REGRESSION"
+        return self.verdict not in PASSING
 
 
 def _key(row: dict[str, Any], fields: tuple[str, ...]) -> str:
@@ -80,39 +96,97 @@ _PARITY_KEY = ("component", "format", "reference")
 ATTACK_SHARES = ("heldout_leakage", "plain", "prompt_attack", "soft_prompt_attack", "embedding_attack")
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _check(metric: str, baseline: float | None, current: float | None, limit: float | None, upper: bool) -> Regression:
+    """Fail closed: an absent, null (unjudged) or NaN figure, or one without a limit, is a failure."""
+    if _is_nan(baseline):
+        return Regression(metric, baseline, current, limit, "BASELINE NaN")
     if current is None:
-        return Regression(metric, baseline, None, limit, "missing")
+        return Regression(metric, baseline, None, limit, "MISSING")
+    if _is_nan(current):
+        return Regression(metric, baseline, current, limit, "NaN")
     if limit is None:
-        return Regression(metric, baseline, current, None, "ok")
+        return Regression(metric, baseline, current, None, "NO LIMIT")
     worse = current > limit if upper else current < limit
     return Regression(metric, baseline, current, limit, "REGRESSION" if worse else "ok")
 
 
-def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances) -> list[Regression]:
-    """Every comparison, passed or not, in report order."""
+def _share_check(metric: str, base: float, now: float | None, counts: tuple, tol: Tolerances, name: str, more: str):
+    """A share of images against the baseline, with the tolerance `name` resolved at the smaller
+    image count of the two reports (`counts`; None where a report predates the counts)."""
+    n = min((int(c) for c in counts if c), default=None)
+    one_image = 100 / n if n else 0.0
+    points = getattr(tol, name)
+    if points is None:
+        points = max(DEFAULT_POINTS[name], one_image)
+    elif points < one_image - 1e-9:
+        least = math.ceil(round(one_image * 10, 6)) / 10
+        raise ConfigError(
+            f"{name}={points:g} is below one image ({one_image:.1f} points at {n} images, {metric}): "
+            f"raise it to at least {least:g} or evaluate more images ({more})"
+        )
+    slack = 1e-9  # one image exactly at the limit passes despite float rounding
+    upper = name == "leakage_points"
+    limit = base + points / 100 + slack if upper else base - points / 100 - slack
+    return _check(metric, base, now, limit, upper)
+
+
+def _stage_rows(name: str, base: dict[str, Any], now: dict[str, Any], tol: Tolerances) -> list[Regression]:
+    """Every gated figure of one stage entry (source, prune, finetune, export, quantize, ort...)."""
     rows: list[Regression] = []
+    if base.get("size_bytes"):
+        b = base["size_bytes"]
+        rows.append(_check(f"size_bytes {name}", b, now.get("size_bytes"), b * (1 + tol.size_percent / 100), True))
+    eval_more = "benchmark.eval_images_per_prompt"
+    for label, b in (base.get("leakage") or {}).items():
+        if b is None:
+            continue
+        c = (now.get("leakage") or {}).get(label)
+        counts = ((base.get("leakage_n") or {}).get(label), (now.get("leakage_n") or {}).get(label))
+        rows.append(_share_check(f"leakage {name}/{label}", b, c, counts, tol, "leakage_points", eval_more))
+    for label, attacks in (base.get("attack") or {}).items():
+        current = (now.get("attack") or {}).get(label) or {}
+        for kind, b in attacks.items():  # shares like leakage; wall_s, budgets and prompts are not gated
+            if kind in ATTACK_SHARES and isinstance(b, float | int) and not isinstance(b, bool):
+                more = eval_more if kind == "heldout_leakage" else "attack.images_per_prompt"
+                counts = (attacks.get(f"{kind}_n"), current.get(f"{kind}_n"))
+                rows.append(
+                    _share_check(f"{kind} {name}/{label}", b, current.get(kind), counts, tol, "leakage_points", more)
+                )
+    if base.get("retain_accuracy") is not None:
+        counts = (base.get("retain_n"), now.get("retain_n"))
+        metric = f"retain_accuracy {name}"
+        rows.append(
+            _share_check(
+                metric, base["retain_accuracy"], now.get("retain_accuracy"), counts, tol, "retain_points", eval_more
+            )
+        )
+    if base.get("fid") is not None:
+        rows.append(_check(f"fid {name}", base["fid"], now.get("fid"), base["fid"] + tol.fid_increase, True))
+    return rows
+
+
+def _allowed(metric: str, keys: tuple[str, ...]) -> bool:
+    """KEY names a metric exactly, its kind (`fid`, `leakage`, `latency`...) or a glob (`leakage quantize/*`)."""
+    return any(metric == k or metric.startswith(k + " ") or fnmatchcase(metric, k) for k in keys)
+
+
+def check_all(
+    report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances, allow_missing: tuple[str, ...] = ()
+) -> list[Regression]:
+    """Every comparison, passed or not, in report order; raises ConfigError for a tolerance finer
+    than one image of the samples compared. `allow_missing`: metrics (see `_allowed`) whose absence
+    from the report is intended."""
+    rows: list[Regression] = []
+    erase_now, erase_base = (r.get("model", {}).get("erase") for r in (report, baseline))
+    if erase_base is not None and sorted(erase_now or []) != sorted(erase_base):
+        rows.append(Regression("model erase", ",".join(erase_base), ",".join(erase_now or []), None, "DIFFERS"))
     current_stages = {s["name"]: s for s in report.get("stages", [])}
     for base in baseline.get("stages", []):
-        name, now = base["name"], current_stages.get(base["name"], {})
-        if base.get("size_bytes"):
-            b = base["size_bytes"]
-            rows.append(_check(f"size_bytes {name}", b, now.get("size_bytes"), b * (1 + tol.size_percent / 100), True))
-        for label, b in (base.get("leakage") or {}).items():
-            c = (now.get("leakage") or {}).get(label)
-            rows.append(_check(f"leakage {name}/{label}", b, c, b + tol.leakage_points / 100, True))
-        for label, attacks in (base.get("attack") or {}).items():
-            for kind, b in attacks.items():  # shares like leakage; wall_s, budgets and prompts are not gated
-                c = ((now.get("attack") or {}).get(label) or {}).get(kind)
-                if kind in ATTACK_SHARES and isinstance(b, float | int) and not isinstance(b, bool):
-                    rows.append(_check(f"{kind} {name}/{label}", b, c, b + tol.leakage_points / 100, True))
-        if base.get("retain_accuracy") is not None:
-            b = base["retain_accuracy"]
-            rows.append(
-                _check(f"retain_accuracy {name}", b, now.get("retain_accuracy"), b - tol.retain_points / 100, False)
-            )
-        if base.get("fid") is not None:
-            rows.append(_check(f"fid {name}", base["fid"], now.get("fid"), base["fid"] + tol.fid_increase, True))
+        rows += _stage_rows(base["name"], base, current_stages.get(base["name"], {}), tol)
     same_machine = report.get("machine") == baseline.get("machine")
     for section, keys, field, ratio in (
         ("latency", _LATENCY_KEY, "median_ms", tol.latency_ratio),
@@ -124,7 +198,7 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
             b, c = base.get(field), current.get(key, {}).get(field)
             if b is None:
                 continue
-            if section == "latency" and not same_machine:
+            if section == "latency" and not same_machine and c is not None:  # a missing row still fails
                 rows.append(Regression(f"{section} {key}", b, c, None, "other machine"))
             else:
                 limit = max(b * ratio, b + tol.latency_ms) if section == "latency" else b * ratio
@@ -136,12 +210,22 @@ def check_all(report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances)
         tolerance = now.get("tolerance", base.get("tolerance"))
         limit = None if tolerance is None else tolerance * tol.parity_ratio
         rows.append(_check(f"parity {key} max_abs_err", base.get("max_abs_err"), now.get("max_abs_err"), limit, True))
-    return rows
+    return [
+        dataclasses.replace(r, verdict="missing (allowed)")
+        if r.verdict == "MISSING" and _allowed(r.metric, allow_missing)
+        else r
+        for r in rows
+    ]
 
 
-def compare(report: dict[str, Any], baseline: dict[str, Any], tolerances: Tolerances | None = None) -> list[Regression]:
+def compare(
+    report: dict[str, Any],
+    baseline: dict[str, Any],
+    tolerances: Tolerances | None = None,
+    allow_missing: tuple[str, ...] = (),
+) -> list[Regression]:
     """The regressions of `report` against `baseline` (empty: the gate passes)."""
-    return [r for r in check_all(report, baseline, tolerances or Tolerances()) if r.failed]
+    return [r for r in check_all(report, baseline, tolerances or Tolerances(), allow_missing) if r.failed]
 
 
 def _fmt(value: float | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,33 @@ def _fmt(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
     return str(value)
+
+
+def _share(share: Any, n: Any) -> Any:
+    """A share with its image count and 95% Wilson interval, e.g. `0.0714 (1/14, 0.013–0.315)`;
+    the bare share where the report predates the counts."""
+    from benchmarks.leakage import wilson_interval
+
+    if not isinstance(share, float | int) or isinstance(share, bool) or not n or math.isnan(share):
+        return share
+    low, high = wilson_interval(round(share * n), n)
+    return f"{share:.4g} ({round(share * n)}/{n}, {low:.3f}–{high:.3f})"
+
+
+def _stage_row(stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage entry with every share (leakage, retain accuracy, held-out leakage, attack success)
+    written with its image count and interval, attack figures pulled up to one column each."""
+    attack = stage.get("attack") or {}
+    row = {
+        **stage,
+        "leakage": {
+            k: _share(v, (stage.get("leakage_n") or {}).get(k)) for k, v in (stage.get("leakage") or {}).items()
+        },
+        "retain_accuracy": _share(stage.get("retain_accuracy"), stage.get("retain_n")),
+    }
+    for key in ("heldout_leakage", "prompt_attack", "soft_prompt_attack", "embedding_attack"):
+        row[key] = {k: _share(a.get(key), a.get(f"{key}_n")) for k, a in attack.items()}
+    return row
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
@@ -56,16 +84,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     plots = set(report.get("plots", []))
     lines += ["## Stages", ""]
-    stage_rows = [
-        {
-            **s,
-            **{
-                key: {k: a.get(key) for k, a in (s.get("attack") or {}).items()}
-                for key in ("heldout_leakage", "prompt_attack", "soft_prompt_attack", "embedding_attack")
-            },
-        }
-        for s in report.get("stages", [])
-    ]
+    stage_rows = [_stage_row(s) for s in report.get("stages", [])]
     attacked = any("prompt_attack" in a for s in report.get("stages", []) for a in (s.get("attack") or {}).values())
     lines += _table(
         stage_rows,
@@ -73,6 +92,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (["prompt_attack", "soft_prompt_attack", "embedding_attack"] if attacked else [])
         + ["retain_accuracy", "fid", "wall_s"],
     )
+    if any(s.get("retain_n") or s.get("leakage_n") for s in report.get("stages", [])):
+        lines += [
+            "Shares: value (images judged as the concept or as prompted / images judged, 95% Wilson interval).",
+            "",
+        ]
     if attacked:
         lines += [
             "prompt_attack / soft_prompt_attack / embedding_attack: share of images judged as the erased concept "
@@ -87,7 +111,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["heldout_leakage: leakage on the concept's held-out phrasings, which no training step used.", ""]
     if report.get("per_label_accuracy"):
         lines += ["## Judge accuracy per label", ""]
-        rows = [{"stage": s, **acc} for s, acc in report["per_label_accuracy"].items()]
+        counts = report.get("per_label_n") or {}
+        rows = [
+            {"stage": s, **{k: _share(v, (counts.get(s) or {}).get(k)) for k, v in acc.items()}}
+            for s, acc in report["per_label_accuracy"].items()
+        ]
         labels = sorted({k for acc in report["per_label_accuracy"].values() for k in acc})
         lines += _table(rows, ["stage", *labels])
     if "quality.png" in plots:

@@ -11,7 +11,7 @@ import pytest
 
 from toolchain import artifact as art
 from toolchain.cli import main
-from toolchain.pipeline import RunLock
+from toolchain.runfolder import MARKER, RunFolder, RunLock
 
 from .conftest import manifests, run
 
@@ -112,56 +112,6 @@ def test_dry_run_reports_sealed_stages(finished_run, tiny_sd_dir, capsys):
     assert capsys.readouterr().out.count("skip: sealed") == 3
 
 
-def truncate_unet(model: Path) -> None:
-    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-
-
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing path", "no such folder"),
-        ("not a pipeline", "no model_index.json"),
-        ("unknown target", "unknown target"),
-        ("unknown recipe key", "unknown key prune.rate"),
-        ("ratio out of range", "prune.ratio=1.5: must be in [0, 1)"),
-        ("unwritable out", "is a file, not a folder"),
-        ("truncated safetensors", "truncated safetensors file"),
-        ("unknown concept", "no concept file names it"),
-        ("unknown from-stage", "--from-stage quantize: not in this plan"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_nothing_left(case, message, tiny_sd_copy, tmp_path, capsys):
-    out = tmp_path / "out"
-    model, args, target = tiny_sd_copy, [], "onnx"
-    if case == "missing path":
-        model = tmp_path / "does-not-exist"
-    elif case == "not a pipeline":
-        model = tmp_path / "empty"
-        model.mkdir()
-    elif case == "unknown target":
-        target = "tflite"
-    elif case == "unknown recipe key":
-        args = ["prune.rate=0.5"]
-    elif case == "ratio out of range":
-        args = ["prune.ratio=1.5"]
-    elif case == "unwritable out":
-        (tmp_path / "file").write_text("")
-        out = tmp_path / "file" / "out"
-    elif case == "truncated safetensors":
-        truncate_unet(model)
-    elif case == "unknown concept":
-        args = ["--erase", "unicorn"]
-    elif case == "unknown from-stage":
-        args = ["--from-stage", "quantize"]
-    code = main(["--target", target, "--model", str(model), "--recipe", "tiny", "--out", str(out), "-q", *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not out.exists() or not any(out.iterdir())
-
-
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_unwritable_out_by_permission(tiny_sd_dir, tmp_path, capsys):
     locked = tmp_path / "locked"
@@ -172,7 +122,7 @@ def test_unwritable_out_by_permission(tiny_sd_dir, tmp_path, capsys):
 
 def test_second_writer_is_refused(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    RunFolder(out, existed=False).create()
     with RunLock(out):
         assert run(tiny_sd_dir, out) == 2
     assert "another compress run" in capsys.readouterr().err
@@ -245,3 +195,75 @@ def test_quantize_stage_follows_the_sealed_export(finished_run, tiny_sd_dir, tmp
 def test_quantize_for_coreml_is_refused(tiny_sd_dir, tmp_path, capsys):
     assert run(tiny_sd_dir, tmp_path / "o", "--target", "coreml", "quantize.enabled=true") == 2
     assert "coreml.compression" in capsys.readouterr().err
+
+
+def _inodes(folder: Path) -> set[int]:
+    return {p.stat().st_ino for p in folder.rglob("*") if p.is_file()}
+
+
+def test_run_shares_no_file_with_the_input_model(finished_run, tiny_sd_dir):
+    """Hard links would let an edit of a run file edit the user's model: files are cloned or copied."""
+    out, _ = finished_run
+    assert (out / "01-prune/text_encoder/model.safetensors").is_file()
+    assert not _inodes(tiny_sd_dir) & _inodes(out)
+
+
+def test_same_inputs_give_byte_identical_deliverables(finished_run, tiny_sd_dir, tmp_path):
+    """Two runs in different folders: every deployed model file is identical and carries no path of
+    the build machine. The report beside it is a measurement (timings) and is left out."""
+    first = finished_run[0] / "deploy" / "onnx"
+    out = tmp_path / "elsewhere"
+    assert run(tiny_sd_dir, out) == 0
+    second = out / "deploy" / "onnx"
+    measured = {"report.json", "report.md"}
+
+    def files(root):
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and p.name not in measured and p.suffix != ".png"
+        }
+
+    a, b = files(first), files(second)
+    assert a.keys() == b.keys() and "model_index.json" in a
+    assert [k for k in a if a[k] != b[k]] == []
+    for root, content in ((finished_run[0], a), (out, b)):
+        for name, data in content.items():
+            assert str(root).encode() not in data and str(tiny_sd_dir).encode() not in data, name
+
+
+def test_foreign_entries_in_a_run_folder_are_never_removed(finished_run, tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run[0], out)
+    (out / "01-family-photos").mkdir()
+    (out / "01-family-photos" / "beach.jpg").write_bytes(b"jpeg")
+    # a changed plan (coreml) drops 02-export: only compress's own folders may go
+    assert run(tiny_sd_dir, out, "--target", "coreml") == 0
+    assert (out / "01-family-photos" / "beach.jpg").read_bytes() == b"jpeg"
+    assert not (out / "02-export").exists() and (out / "02-coreml").is_dir()
+    # a file of the user's inside the deliverable this run would replace: refused, kept
+    (out / "deploy" / "onnx").mkdir(parents=True, exist_ok=True)
+    (out / "deploy" / "onnx" / "mine.txt").write_text("mine")
+    before = manifests(out)
+    capsys.readouterr()
+    assert run(tiny_sd_dir, out) == 2
+    err = capsys.readouterr().err
+    assert "deploy/onnx was not written by compress" in err and len(err.strip().splitlines()) == 1
+    assert (out / "deploy" / "onnx" / "mine.txt").read_text() == "mine" and manifests(out) == before
+
+
+def test_run_folder_carries_the_marker(finished_run):
+    created = json.loads((finished_run[0] / MARKER).read_text())["created"]
+    assert {"00-source", "01-prune", "02-export", "03-benchmark", "deploy/onnx", "report.json"} <= set(created)
+    assert "deploy/onnx/unet/model.onnx" in created
+
+
+def test_diverged_training_exits_3_in_one_line(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run(
+        tiny_sd_dir, out, "finetune.enabled=true", "finetune.mode=distill", "finetune.steps=4", "finetune.max_loss=1e-9"
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 3, err
+    assert err.startswith("compress: training diverged: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert (out / "01-prune" / art.MANIFEST).is_file(), "stages sealed before the divergence are kept"

@@ -2,7 +2,8 @@
 
 Per stage: parameters and file sizes (read from file headers, no model load), and, where a judge
 applies, leakage of the erased concepts, retain accuracy and judge FID on images the stage's
-model generates (every exported or quantized model through ONNX Runtime, as an app runs it).
+model generates (every exported or quantized model through ONNX Runtime, as an app runs it),
+each share with its image count (`<key>_n`) and 95% Wilson interval (`<key>_ci95`).
 Latency: the UNet of
 the source and of the last PyTorch stage in PyTorch, and every exported component in ONNX
 Runtime (ONNX and ORT format), all in this one process so ratios are comparable; per image
@@ -130,7 +131,7 @@ def run(
         files = {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
         return files if {"text_encoder", "unet", "vae_decoder"} <= set(files) else {}
 
-    stages, per_label, samples = [], {}, {}
+    stages, per_label, per_label_n, samples = [], {}, {}, {}
     for artifact in chain:
         params = artifact.metrics.get("params", {})
         entry = {
@@ -148,6 +149,7 @@ def run(
             scores, judged, samples[artifact.stage] = _evaluate(artifact, evaluation, cfg, ort_pipe)
             entry.update(judged)
             per_label[artifact.stage] = scores.per_label_accuracy
+            per_label_n[artifact.stage] = scores.per_label_n
             del ort_pipe
         stages.append(entry)
     _attack_stages(chain, stages, evaluation, ctx.config, cfg, pipeline_files, providers, threads)
@@ -299,6 +301,7 @@ def run(
         report["over_budget"] = True
     if per_label:
         report["per_label_accuracy"] = per_label
+        report["per_label_n"] = per_label_n
     report["plots"] = write_plots(report, samples, ctx.out_dir)
     write_report(report, ctx.out_dir)
     return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
@@ -384,10 +387,12 @@ def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig, ort_pi
         n_per_prompt=cfg.eval_images_per_prompt,
         seed=cfg.seed,
     )
-    report = scores.to_report()
+    report = {**scores.to_report(), **scores.intervals()}
     if evaluation["heldout"]:  # phrasings no training step saw: leakage under paraphrase
         held = evaluate_concepts(generate, judge, evaluation["heldout"], {}, cfg.eval_images_per_prompt, cfg.seed + 1)
-        report["attack"] = {label: {"heldout_leakage": rate} for label, rate in held.leakage.items()}
+        report["attack"] = {
+            label: _share("heldout_leakage", rate, held.leakage_n[label]) for label, rate in held.leakage.items()
+        }
     logger.info("%s: judge %s -> %s", artifact.stage, evaluation["judge"], report)
     samples = []
     for erased, group in ((True, evaluation["erase"]), (False, evaluation["retain"])):
@@ -396,6 +401,13 @@ def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig, ort_pi
                 i = seen["prompts"].index(prompts[0])
                 samples.append({"label": label, "erased": erased, "prompt": prompts[0], "image": seen["images"][i]})
     return scores, report, samples
+
+
+def _share(key: str, share: float, n: int) -> dict:
+    """report.json's share `key` with its image count `key_n` and 95% Wilson interval `key_ci95`."""
+    from benchmarks.leakage import share_interval
+
+    return {key: share, f"{key}_n": n, f"{key}_ci95": share_interval(share, n)}
 
 
 def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, pipeline_files, providers, threads):
@@ -433,6 +445,10 @@ def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, 
                 found[label] = (artifact.stage, result.attacked_prompts)
                 attack = entry.setdefault("attack", {}).setdefault(label, {})
                 attack.update(result.to_report(), attacked_on=artifact.stage)
+                n = len(result.attacked_prompts) * acfg.images_per_prompt  # every attack judges this many
+                for kind in ("plain", "prompt_attack", "soft_prompt_attack", "embedding_attack"):
+                    if attack.get(kind) is not None:
+                        attack.update(_share(kind, attack[kind], n))
             del pipe
         elif files and found:
             from benchmarks.latency import OrtPipeline
@@ -446,7 +462,7 @@ def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, 
                 rate = transfer_rate(generate, prompts, label, judge, acfg.images_per_prompt, acfg.seed)
                 attack = entry.setdefault("attack", {}).setdefault(label, {})
                 attack.update(
-                    prompt_attack=rate,
+                    **_share("prompt_attack", rate, len(prompts) * acfg.images_per_prompt),
                     soft_prompt_attack=None,
                     embedding_attack=None,
                     prompts=prompts,
