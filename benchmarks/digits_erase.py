@@ -71,3 +71,17 @@ def markdown_header(title: str, result: dict) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
     ]
+
+
+# A results .md is rendered from its .json by code; findings a person adds go below this heading,
+# which a re-render keeps (a results .json carries no hand-written text).
+HANDWRITTEN_HEADING = "## Hand-written notes (not produced by the script)"
+
+
+def handwritten_section(md: Path) -> str:
+    """The hand-written part of an existing OUT.md, from HANDWRITTEN_HEADING to the end, preceded by
+    the blank line that separates it from the rendered part; "" when the file or heading is absent.
+    Render a result as `to_markdown(result) + handwritten_section(md)`."""
+    text = md.read_text() if md.is_file() else ""
+    start = text.find(HANDWRITTEN_HEADING)
+    return "" if start < 0 else "\n" + text[start:]

@@ -1,13 +1,18 @@
 """Finetune stage on the digits world: erase digit 7 from a 30%-channel-pruned student.
 
 Rows: the teacher, the pruned student without fine-tuning, distillation alone, distill-then-ESD
-(sequential, same steps in total), bilevel with every unlearning objective, and distillation
+(sequential, same steps in total), bilevel with every unlearning objective, distillation
 followed by ConceptPrune (skill_ratio 0.3: at the paper's 0.01-0.02 it changes nothing on this
-model). Columns: leakage of 7 on its training prompts and on held-out phrasings, judge accuracy
-on the other nine digits (2 prompts each), judge FID of those images, training wall time (the
-teacher samples, generated once and shared by every row, are not counted) and steps.
+model), and `bilevel-penalty-<objective>` (finetune.mode=bilevel-penalty, BOME on split variables:
+needs `--set trainable=cross_attention` or non_cross_attention). Columns: leakage of 7 on its
+training prompts and on held-out phrasings, judge accuracy on the other nine digits (2 prompts
+each), judge FID of those images, training wall time (the teacher samples, generated once and
+shared by every row, are not counted) and steps. `--samples-cache FILE` reuses teacher samples of
+the same settings from FILE, else generates them and writes FILE.
 
-    python -m benchmarks.finetune_digits --steps 400 --out benchmarks/results/finetune-digits
+    python -m benchmarks.finetune_digits --steps 300 --out benchmarks/results/finetune-digits
+    python -m benchmarks.finetune_digits --steps 300 --rows bilevel-esd bilevel-penalty-esd \
+        --set trainable=cross_attention --n-per-prompt 4 --out benchmarks/results/penalty-digits
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.digits_erase import erase_seven, markdown_header, write_result
+from benchmarks.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
 
 ROWS = (
     "teacher",
@@ -31,17 +36,23 @@ ROWS = (
     "bilevel-esd",
     "bilevel-ablation",
     "bilevel-erasediff",
-    "bilevel-sfd",
+    "bilevel-override",
     "bilevel-all-but-one",
     "distill+conceptprune",
+    "bilevel-penalty-esd",
+    "bilevel-penalty-ablation",
+    "bilevel-penalty-erasediff",
+    "bilevel-penalty-override",
+    "bilevel-penalty-all-but-one",
 )
+DEFAULT_ROWS = [name for name in ROWS if not name.startswith("bilevel-penalty")]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--n-per-prompt", type=int, default=8)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=ROWS)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--samples-cache", type=Path, default=None, help="reuse teacher samples from this file")
     parser.add_argument(
@@ -51,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="STEPS",
         help="only time distill vs bilevel-esd, alternating 3 times with STEPS steps each; merged into OUT.json",
     )
-    parser.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values; other text is a string)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -64,13 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
     from toolchain.config import FinetuneConfig
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = {k: json_or_text(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
     world = erase_seven(0.3)
     seven, pipe, teacher, student0, judge = world.seven, world.pipe, world.teacher, world.student0, world.judge
     erase, heldout, retain = world.erase, world.heldout, world.retain
 
     tmp = Path(tempfile.mkdtemp(prefix="finetune-digits-"))
+    if args.samples_cache is not None:  # a cache that is not there yet is made, so the command runs anywhere
+        args.samples_cache.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = prepare_data(
         pipe,
@@ -132,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "command": "python -m benchmarks.finetune_digits " + " ".join(sys.argv[1:] if argv is None else argv),
             }
             args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(to_markdown(result))
+            args.out.with_suffix(".md").write_text(render(result, args.out.with_suffix(".md")))
         return {"timing": timing}
 
     rows = {}
@@ -158,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         elif name == "sequential-esd":
             unet, wall = finetune("sequential", "esd")
             steps = base.steps
+        elif name.startswith("bilevel-penalty-"):
+            unet, wall = finetune("bilevel-penalty", name.removeprefix("bilevel-penalty-"))
+            steps = base.steps
         else:
             unet, wall = finetune("bilevel", name.removeprefix("bilevel-"))
             steps = base.steps
@@ -182,16 +200,35 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    write_result(args.out, result, to_markdown)
+    if args.out is not None:  # keep the hand-written section of an existing OUT.md
+        write_result(args.out, result, lambda r: render(r, args.out.with_suffix(".md")))
     return result
+
+
+def json_or_text(value: str):
+    """A --set value: JSON where it parses (numbers, true, lists), else the text itself, so a recorded
+    command stays runnable as it is written (no shell quoting of JSON strings)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def render(result: dict, md: Path) -> str:
+    """OUT.md's text: the table rendered from `result` plus the hand-written section of `md`."""
+    return to_markdown(result) + handwritten_section(md)
 
 
 def to_markdown(result: dict) -> str:
     rows = result["rows"]
+    penalty = any(name.startswith("bilevel-penalty") for name in rows)
+    title = "Finetune stage on the digits world: erase 7, 30% channel pruning"
+    if penalty:
+        title = "bilevel-penalty (BOME) vs bilevel on the digits world: erase 7, 30% channel pruning"
     teacher_acc = rows.get("teacher", {}).get("retain_accuracy")
     distill_s = rows.get("distill", {}).get("wall_s")
     lines = [
-        *markdown_header("Finetune stage on the digits world: erase 7, 30% channel pruning", result),
+        *markdown_header(title, result),
         "| row | leakage 7 | leakage 7 (held-out) | retain acc | retain / teacher | judge FID | wall s | x distill | steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -213,7 +250,12 @@ def to_markdown(result: dict) -> str:
         "Wall s in the table was taken on 2 CPU cores shared with other jobs, so it is noisy.",
         "",
     ]
-    lines += [f"- {note}" for note in result.get("notes", [])]
+    if penalty:
+        lines[-1:-1] = [
+            f"Trainable subset (bilevel: upper steps; bilevel-penalty: upper variables) {s['trainable']}; "
+            f"bilevel-penalty: inner_steps {s['inner_steps']}, penalty_eta {s['penalty_eta']}; "
+            f"upper_batch_size {s['upper_batch_size']}, seed {s['seed']}.",
+        ]
     if "timing" in result:
         t = result["timing"]
         lines += [

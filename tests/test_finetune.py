@@ -222,11 +222,11 @@ def test_feature_kd_matching_skips_pruned_blocks(tiny, tmp_path):
 # --------------------------------------------------------------------------------- objectives
 
 
-@pytest.mark.parametrize("objective", ["esd", "ablation", "sfd", "all-but-one", "erasediff", "erasediff-adaptive"])
+@pytest.mark.parametrize("objective", ["esd", "ablation", "override", "all-but-one", "erasediff", "erasediff-inner"])
 def test_each_objective_loss_falls(tiny, tmp_path, objective):
     extra = {}
-    if objective == "erasediff-adaptive":  # λ = max(η − cos(∇L_r, ∇q), 0), L_f* from 1 step on a copy
-        objective, extra = "erasediff", {"erasediff_lambda": -1.0, "erasediff_inner_steps": 1}
+    if objective == "erasediff-inner":  # L_f* from 1 step on a copy, for the log
+        objective, extra = "erasediff", {"erasediff_inner_steps": 1}
     _train(tiny, tmp_path, mode="sequential", steps=16, unlearn_steps=15, objective=objective, **extra)
     records = _losses(tmp_path)
     key = "forget" if objective == "erasediff" else "upper"
@@ -234,9 +234,44 @@ def test_each_objective_loss_falls(tiny, tmp_path, objective):
     assert len(upper) == 15
     assert sum(upper[-4:]) < sum(upper[:4]), (objective, upper)
     if extra:
-        assert all("erasediff_lambda" in r and "forget_gap" in r for r in records[1:])
-    elif objective == "erasediff":
-        assert all(r["erasediff_lambda"] == 1.0 and "retain" in r for r in records[1:])
+        assert all("forget_gap" in r for r in records[1:])
+    if objective == "erasediff":  # the authors' fixed λ (lambda_bome 0.1)
+        assert all(r["erasediff_lambda"] == 0.1 and "retain" in r for r in records[1:])
+
+
+def test_erasediff_lambda_is_the_authors_fixed_one():
+    """Default λ = 0.1 (JingWu321/EraseDiff's lambda_bome); the cosine-based "adaptive" rule is gone."""
+    from toolchain.config import from_dict
+
+    assert FinetuneConfig().erasediff_lambda == 0.1
+    with pytest.raises(ConfigError, match="erasediff_lambda=-1.0: must be >= 0"):
+        FinetuneConfig(erasediff_lambda=-1.0)
+    with pytest.raises(ConfigError, match="unknown key finetune.erasediff_eta"):
+        from_dict(RunConfig, {"finetune": {"erasediff_eta": 0.1}})
+
+
+def test_override_objective_matches_the_teacher_override_score(tiny):
+    """`override` = MSE(S(x_t, c_f), sg[T(x_t, c_override)]); the old name `sfd` is refused, naming both."""
+    from toolchain.unlearning import ForgetBatch, get_objective
+
+    pipe, student, data, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn((2, 4, 8, 8), generator=g), torch.tensor([100, 700])
+    cond, anchor = data.emb[data.forget_pids[:2]], data.emb[data.anchor_pids[:2]]
+    batch = ForgetBatch(x_t=x_t, t=t, cond=cond, uncond=data.emb[[0, 0]], anchor=anchor)
+
+    def student_fn(x, t, e):
+        return student(x, t, encoder_hidden_states=e).sample
+
+    def teacher_fn(x, t, e):
+        return pipe.unet(x, t, encoder_hidden_states=e).sample
+
+    with torch.no_grad():
+        loss = get_objective("override")(student_fn, teacher_fn, batch, FinetuneConfig())
+        expected = torch.nn.functional.mse_loss(student_fn(x_t, t, cond), teacher_fn(x_t, t, anchor))
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ConfigError, match="objective=sfd is now `override`.*finetune.mode=sfd"):
+        FinetuneConfig(objective="sfd")
 
 
 @pytest.mark.parametrize("subset", ["cross_attention", "non_cross_attention"])
@@ -262,10 +297,50 @@ def test_bilevel_interleaves_upper_steps(tiny, tmp_path):
     assert all("lower" in r for r in records)
 
 
-def test_bilevel_penalty_runs_and_logs_the_gap(tiny, tmp_path):
-    _train(tiny, tmp_path, mode="bilevel-penalty", steps=3, inner_steps=2, checkpoint_every=2)
-    records = _losses(tmp_path)
-    assert len(records) == 3 and all({"inner", "upper", "lower", "gap"} <= set(r) for r in records)
+def test_bome_direction_descends_on_the_gap_no_faster_than_needed():
+    from toolchain.stages.finetune import bome_direction
+
+    g = torch.Generator().manual_seed(0)
+    grad_q = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    norm = sum((q**2).sum() for q in grad_q)
+    for sign in (-1.0, 1.0):  # ∇L_CU against and along ∇q
+        grad_f = [sign * 3 * q + torch.randn(q.shape, generator=g) for q in grad_q]
+        d, lam = bome_direction(grad_f, grad_q, 0.5)
+        along = sum((a * q).sum() for a, q in zip(d, grad_q, strict=True))
+        if sign < 0:  # λ is the smallest that makes <d, ∇q> = η|∇q|²
+            assert lam > 0 and torch.isclose(along, 0.5 * norm, rtol=1e-4)
+        else:  # the upper gradient already descends on q fast enough: λ = 0, d = ∇L_CU
+            assert lam == 0 and all(torch.equal(a, f) for a, f in zip(d, grad_f, strict=True))
+    d, lam = bome_direction(grad_f, [torch.zeros(3, 4), torch.zeros(5)], 0.5)
+    assert lam == 0 and all(torch.equal(a, f) for a, f in zip(d, grad_f, strict=True))
+
+
+def test_bilevel_penalty_inner_solution_reaches_the_student(tiny, tmp_path):
+    """BOME on split variables: the inner steps change the student (with one shared set of weights
+    they could not), every step logs q and λ >= 0, and more inner steps open a larger gap."""
+    from toolchain.unlearning import trainable_parameters
+
+    runs = {}
+    for k in (1, 4):
+        trained, _ = _train(
+            tiny, tmp_path / f"k{k}", mode="bilevel-penalty", steps=3, inner_steps=k, trainable="cross_attention"
+        )
+        runs[k] = (trained.state_dict(), _losses(tmp_path / f"k{k}"))
+    upper = {name for name, _ in trainable_parameters(tiny[1], "cross_attention")}
+    start = tiny[1].state_dict()
+    for part in (upper, set(start) - upper):  # both variable groups move, and differently for K = 1 and 4
+        assert any(not torch.equal(runs[1][0][k], start[k]) for k in part)
+        assert any(not torch.allclose(runs[1][0][k], runs[4][0][k]) for k in part), "inner steps never reach θ"
+    for _, records in runs.values():
+        assert len(records) == 3 and all(r["penalty_lambda"] >= 0 and "gap" in r for r in records)
+    gap = {k: sum(r["gap"] for r in records) for k, (_, records) in runs.items()}
+    assert gap[4] > gap[1], gap
+
+
+def test_bilevel_penalty_needs_split_variables():
+    with pytest.raises(ConfigError, match="trainable=cross_attention or non_cross_attention"):
+        FinetuneConfig(mode="bilevel-penalty")
+    FinetuneConfig(mode="bilevel-penalty", trainable="non_cross_attention")
 
 
 # ------------------------------------------------------------------------------- robust runs
@@ -274,6 +349,8 @@ def test_bilevel_penalty_runs_and_logs_the_gap(tiny, tmp_path):
 @pytest.mark.parametrize("mode", ["bilevel", "bilevel-penalty"])
 def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, mode):
     settings = dict(mode=mode, steps=6, upper_every=2, checkpoint_every=2, inner_steps=1)
+    if mode == "bilevel-penalty":
+        settings["trainable"] = "cross_attention"
     full, _ = _train(tiny, tmp_path / "full", **settings)
     _train(tiny, tmp_path / "killed", stop_after=3, **settings)  # "killed" after step 3; checkpoint at 2
     assert json.loads((tmp_path / "killed/checkpoints/step-0000002/state.json").read_text())["step"] == 2
@@ -316,7 +393,7 @@ def test_unknown_objective_names_the_valid_ones():
     from toolchain.config import OBJECTIVE_NAMES
     from toolchain.unlearning import get_objective, objective_names
 
-    assert objective_names() == ["ablation", "all-but-one", "erasediff", "esd", "sfd"] == list(OBJECTIVE_NAMES)
+    assert objective_names() == ["ablation", "all-but-one", "erasediff", "esd", "override"] == list(OBJECTIVE_NAMES)
     with pytest.raises(ValueError, match="all-but-one"):
         get_objective("nope")
     with pytest.raises(ValueError, match="cross_attention"):
@@ -330,10 +407,11 @@ def test_unlearning_without_erase_is_refused(mode):
     from toolchain.config import check_finetune
     from toolchain.stages.finetune import check_config
 
+    split = {"trainable": "cross_attention"}  # bilevel-penalty needs upper and lower variables
     with pytest.raises(ConfigError, match="--erase"):
-        check_config(FinetuneConfig(mode=mode), [])
+        check_config(FinetuneConfig(mode=mode, **split), [])
     with pytest.raises(ConfigError, match="--erase"):
-        check_finetune(FinetuneConfig(enabled=True, mode=mode), [])
+        check_finetune(FinetuneConfig(enabled=True, mode=mode, **split), [])
     check_config(FinetuneConfig(mode="distill"), [])
     check_finetune(FinetuneConfig(enabled=True, mode="distill"), [])
 
@@ -539,6 +617,23 @@ def test_the_cli_under_two_processes_matches_one(tiny_sd_dir, tmp_path):
 # ------------------------------------------------------------------------------ digits world
 
 
+@pytest.mark.parametrize("name", ["finetune-digits", "penalty-digits"])
+def test_committed_finetune_results_render_from_their_json(name):
+    """benchmarks/results/NAME.md is NAME.json rendered by the script plus a marked hand-written
+    section; the JSON holds only what the script writes, and its command reads nothing under /tmp
+    but the teacher-sample cache, which the script makes when it is missing."""
+    from benchmarks.finetune_digits import ROWS, render
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    result = json.loads((results / f"{name}.json").read_text())
+    assert set(result) <= {"command", "machine", "versions", "settings", "rows", "timing"}, sorted(result)
+    assert render(result, results / f"{name}.md") == (results / f"{name}.md").read_text()
+    args = result["command"].split()
+    assert args[:3] == ["python", "-m", "benchmarks.finetune_digits"]
+    assert all(args[i - 1] == "--samples-cache" for i, arg in enumerate(args) if arg.startswith("/tmp"))
+    assert set(result["rows"]) <= {*ROWS, "bilevel-sfd"}  # bilevel-sfd: `override`'s former name
+
+
 def _digits_erasure(prune_ratio: float, samples_per_prompt: int, n_per_prompt: int, with_teacher=True, **settings):
     """Bilevel ESD erasing 7 from the digits model (channel-pruned by `prune_ratio`); returns the
     teacher's and the student's ConceptScores on 3 prompts of 7 and 1 prompt per other digit."""
@@ -601,3 +696,25 @@ def test_bilevel_erases_seven_from_pruned_digits():
     assert scores["teacher"].leakage["7"] >= 0.9
     assert scores["student"].leakage["7"] <= 0.2, scores["student"]
     assert scores["student"].retain_accuracy >= 0.8, scores["student"]
+
+
+def test_feature_kd_widths_put_every_input_on_the_models_device(tiny_sd_dir):
+    """The timestep stayed on the CPU while the UNets were on CUDA (found by device_tests/gpu_check.py);
+    the meta device stands in for CUDA: any CPU tensor meeting a meta weight raises."""
+    from diffusers import UNet2DConditionModel
+
+    from toolchain.stages.finetune import TrainingData, kd_block_widths
+
+    student = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").to("meta")
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").to("meta")
+    c, size = student.config.in_channels, student.config.sample_size
+    rows = torch.zeros(1, dtype=torch.long)
+    data = TrainingData(
+        latents=torch.randn(2, c, size, size),
+        emb=torch.randn(1, 4, student.config.cross_attention_dim),
+        **dict.fromkeys(
+            ("retain_rows", "retain_pids", "forget_rows", "forget_pids", "anchor_pids", "anchor_rows"), rows
+        ),
+    )
+    widths = kd_block_widths(student, teacher, data, "project")
+    assert widths and all(s == t for s, t in widths.values())

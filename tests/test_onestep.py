@@ -181,6 +181,55 @@ def test_stage_exports_and_runs_the_generator_like_any_unet(tiny_sd_dir, tmp_pat
     assert np.abs(diffusers_generator(pipe, schedule=None)(prompts, seed=3) - torch_images).max() > 1e-2
 
 
+SFD_PROCESS_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from toolchain import artifact as art
+from toolchain.config import FinetuneConfig, RunConfig
+from toolchain.pipeline import RunContext
+from toolchain.stages import finetune
+model, base, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+rank = int(os.environ["RANK"])
+out = base / ("out.partial" if rank == 0 else f"rank{rank}.partial")  # each process's own view of the folder
+out.mkdir()
+chain = [art.Artifact(path=base / "src", kind="diffusers", model_path=model)]
+ctx = RunContext(run_dir=base, config=RunConfig(erase=["7"]), out_dir=out, chain=chain, progress=False)
+result = finetune.run(art.Artifact(path=model, kind="diffusers"), FinetuneConfig(**settings), ctx)
+(base / f"returned{rank}.json").write_text(json.dumps(None if result is None else result.records["finetune"]))
+"""
+
+
+def test_sfd_under_two_processes_only_process_0_writes(tiny_sd_dir, tmp_path):
+    """`finetune.mode=sfd` under torchrun with 2 CPU processes (gloo): both train, process 0 writes the
+    artifact and returns it, process 1 returns None and writes nothing. Process 1 is handed its own
+    output folder so that any pipeline link, UNet, schedule or checkpoint removal of its would show."""
+    import os
+    import subprocess
+    import sys
+
+    from toolchain.models.io import check_pipeline_folder
+    from toolchain.onestep import read_schedule
+
+    (tmp_path / "run.py").write_text(SFD_PROCESS_SCRIPT)
+    settings = {**FAST, "enabled": True, "steps": 2, "checkpoint_every": 1}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(29700 + os.getpid() % 1000), str(tmp_path / "run.py"), str(tiny_sd_dir)]
+    result = subprocess.run([*cmd, str(tmp_path), json.dumps(settings)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "returned0.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "rank1.partial").rglob("*"))
+    assert written == [], f"process 1 wrote {written[:5]}"
+    assert json.loads((tmp_path / "returned1.json").read_text()) is None
+    out = tmp_path / "out.partial"
+    check_pipeline_folder(out)
+    assert read_schedule(out)["timesteps"] == [625] and not (out / "checkpoints").exists()
+
+
 def _digits_sfd(steps: int, n_per_prompt: int, prune_ratio: float = 0.0, **settings):
     """SFD erasing 7 on the digits model, G initialised from the (optionally channel-pruned) model;
     scores on 3 prompts of 7 and 1 prompt per other digit of the untrained one-step generator

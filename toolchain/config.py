@@ -102,7 +102,12 @@ class ConceptPruneConfig:
 FINETUNE_MODES = ("distill", "sequential", "bilevel", "bilevel-penalty", "sfd")  # "auto" resolves to one of these
 # The registered objectives of toolchain.unlearning, listed here so loading a config imports no
 # torch; a test checks that both lists agree.
-OBJECTIVE_NAMES = ("ablation", "all-but-one", "erasediff", "esd", "sfd")
+OBJECTIVE_NAMES = ("ablation", "all-but-one", "erasediff", "esd", "override")
+# Objective names that were renamed: old name -> why and what to use.
+RENAMED_OBJECTIVES = {
+    "sfd": "is now `override` (the same loss, MSE(S(x_t,c_f), sg[T(x_t,c_override)])); Score Forgetting "
+    "Distillation itself needs a generator: finetune.mode=sfd",
+}
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class FinetuneConfig:
 
     Lower level (every mode): L_ft = w_diff·L_diff + w_out·L_outKD + w_feat·L_featKD.
     Upper level (sequential / bilevel / bilevel-penalty): the unlearning `objective`.
+    bilevel-penalty (BOME): `trainable` names the upper variables, the rest of the UNet the lower ones.
     mode=sfd: Score Forgetting Distillation of the student into a k-step generator that also
     forgets (`sfd_*` fields, toolchain/onestep.py); the lower-level and objective fields do not apply.
     Learning rates default to values that work on the digits model (3.3M params, 16x16 px);
@@ -120,8 +126,9 @@ class FinetuneConfig:
     enabled: bool = False  # run the stage
     # "auto": bilevel when --erase names concepts, distill otherwise (resolved by `resolve_finetune`)
     mode: Literal["auto", "distill", "sequential", "bilevel", "bilevel-penalty", "sfd"] = "bilevel"
-    objective: str = "esd"  # upper loss: esd, ablation, erasediff, sfd, all-but-one
-    trainable: Literal["full", "cross_attention", "non_cross_attention"] = "full"  # what upper steps change
+    objective: str = "esd"  # upper loss: esd, ablation, erasediff, override, all-but-one
+    # what upper steps change; bilevel-penalty: the upper variables (the rest are the lower ones), not "full"
+    trainable: Literal["full", "cross_attention", "non_cross_attention"] = "full"
     steps: int = 1000  # optimiser steps in total (sequential: distill steps + unlearn_steps)
     batch_size: int = 16  # global batch of one lower step (split over processes)
     upper_batch_size: int = 16  # global batch of one upper step
@@ -131,8 +138,11 @@ class FinetuneConfig:
     warmup_steps: int = 0  # linear lr warm-up of the lower optimiser; paper 250
     upper_every: int = 10  # bilevel: one upper step every K lower steps (code K=10, paper text K=20)
     unlearn_steps: int = 0  # sequential: unlearning steps at the end; 0 = steps // upper_every
-    inner_steps: int = 5  # bilevel-penalty: inner L_ft steps on the copy per outer step
-    penalty_lambda: float = 10.0  # bilevel-penalty: outer step on ∇L_CU + λ∇L_ft (paper 100)
+    # bilevel-penalty (BOME): K inner L_ft steps on a fresh copy of the lower variables per outer step
+    # (EraseDiff's authors' K_steps default; BOME's experiments use 10 on far cheaper lower problems)
+    inner_steps: int = 2
+    # bilevel-penalty: η of BOME's multiplier λ = max(η − <∇L_CU, ∇q>/|∇q|², 0) (BOME's toy default 0.5)
+    penalty_eta: float = 0.5
     w_diff: float = 1.0  # weight of the denoising loss
     w_out: float = 2.0  # weight of output distillation
     w_feat: float = 0.1  # weight of block-feature distillation
@@ -150,8 +160,7 @@ class FinetuneConfig:
     esd_eta: float = 1.0  # ESD negative-guidance strength
     esd_from_anchor: bool = False  # ESD: guide away from the concept starting from its anchor prompt, not ""
     abo_beta: float = 1.0  # All-but-One: weight of the unconditional-score term
-    erasediff_lambda: float = 1.0  # EraseDiff: fixed λ; < 0 = adaptive max(η − cos, 0)
-    erasediff_eta: float = 0.1  # EraseDiff: η of the adaptive rule
+    erasediff_lambda: float = 0.1  # EraseDiff: λ of the step on L_r + λ(L_f − L_f*) (authors' lambda_bome 0.1)
     erasediff_inner_steps: int = 0  # EraseDiff: steps estimating min L_f on a copy (log only)
     # AdvUnlearn-style robust upper level: before every upper step, `robust_attack_steps` steps of an
     # attack (toolchain/attacks.py) find `robust_prefix_tokens` prefix tokens that bring the concept
@@ -194,8 +203,15 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.mode not in (*FINETUNE_MODES, "auto"):
             raise ConfigError(f"finetune.mode={self.mode!r}: use one of {list(FINETUNE_MODES)}")
+        if self.objective in RENAMED_OBJECTIVES:
+            raise ConfigError(f"finetune.objective={self.objective} {RENAMED_OBJECTIVES[self.objective]}")
         if self.objective not in OBJECTIVE_NAMES:
             raise ConfigError(f"finetune.objective={self.objective!r}: use one of {list(OBJECTIVE_NAMES)}")
+        if self.mode == "bilevel-penalty" and self.trainable == "full":
+            raise ConfigError(
+                "finetune.mode=bilevel-penalty splits the UNet into upper (finetune.trainable) and lower variables "
+                "(the rest); set finetune.trainable=cross_attention or non_cross_attention"
+            )
         for name in (
             "steps",
             "batch_size",
@@ -226,7 +242,11 @@ class FinetuneConfig:
         for name in ("lower_lr", "upper_lr", "max_loss"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be > 0")
-        for name in ("w_diff", "w_out", "w_feat", "snr_gamma", "penalty_lambda", "abo_beta"):
+        if self.erasediff_lambda < 0:
+            raise ConfigError(
+                f"finetune.erasediff_lambda={self.erasediff_lambda}: must be >= 0, e.g. 0.1 (EraseDiff's λ is fixed)"
+            )
+        for name in ("w_diff", "w_out", "w_feat", "snr_gamma", "penalty_eta", "abo_beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
         if self.w_diff + self.w_out + self.w_feat == 0:

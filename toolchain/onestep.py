@@ -436,7 +436,12 @@ def train_onestep(
 
 
 def run_sfd(source, cfg: FinetuneConfig, ctx):
-    """finetune.mode=sfd: the student becomes a k-step generator that also forgets `--erase`."""
+    """finetune.mode=sfd: the student becomes a k-step generator that also forgets `--erase`.
+
+    In a multi-process launch every process trains; only the main one writes the artifact (pipeline
+    links, UNet, schedule, removal of the checkpoints) and returns it, the others return None."""
+    from accelerate import PartialState
+
     from toolchain.artifact import Artifact, folder_size
     from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, load_unet, save_unet
     from toolchain.stages.benchmark import component_params
@@ -451,6 +456,8 @@ def run_sfd(source, cfg: FinetuneConfig, ctx):
     scheduler_config = dict(teacher_pipe.scheduler.config)
     student = load_unet(source.files / "unet")
     generator, summary = train_onestep(student, teacher_pipe.unet, data, cfg, scheduler_config, out, ctx.progress)
+    if not PartialState().is_main_process:  # the state train_onestep's Accelerator set up
+        return None
 
     link_pipeline(source.files, out, skip=("unet", LOSSES_FILE, CHECKPOINTS, SCHEDULE_FILE))
     record_file = source.files / "unet" / PRUNING_RECORD

@@ -20,8 +20,9 @@ Lower level (recovers quality):  L_ft = w_diff·L_diff + w_out·L_outKD + w_feat
 
 Upper level (unlearning): any `toolchain.unlearning` objective on forget batches (x_t = noised
 teacher samples of the erase prompts, or the concept file's `images`, or teacher samples of the
-anchor prompt for `ablation`); it may change only
-the `trainable` subset. EraseDiff adds its retain term and its constrained first-order step here.
+anchor prompt for `ablation`); it may change only the `trainable` subset (bilevel-penalty: it
+names the upper variables, see below). EraseDiff adds its retain term and its constrained
+first-order step here.
 Robust option (`robust`, in the manner of AdvUnlearn, Zhang et al. 2024, `OPTML-Group/AdvUnlearn`):
 before every upper step, `robust_attack_steps` steps of an attack from toolchain/attacks.py find
 `robust_prefix_tokens` prefix tokens per forget example that make the current student's
@@ -37,9 +38,20 @@ Modes (same number of steps `steps` in each):
 - sequential: `steps − M` lower steps, then M upper steps (M = unlearn_steps or steps // K).
 - bilevel (the official code's solver): one set of weights, two AdamW optimisers; every step one
   lower step, every K-th step (`upper_every`) one upper step.
-- bilevel-penalty (the paper's text): a persistent copy ϑ takes `inner_steps` steps on L_ft, then
-  θ takes one outer step on ∇L_CU(θ) + λ∇L_ft(θ) (first order; the L_CU part only on the
-  `trainable` subset); the log holds the gap L_ft(θ) − L_ft(ϑ). Costs inner_steps + 1 lower passes.
+- bilevel-penalty (the paper's text, made to work as BOME, Liu et al. 2022, "BOME! Bilevel
+  Optimization Made Easy", `Cranial-XIX/BOME`): the paper's penalty form on one shared set of
+  weights has ∇θ L_ft(ϑ) = 0, so its inner steps would never reach θ. Here the variables are split:
+  upper θ_u = the `trainable` subset ("full" is refused), lower ϑ = the rest of the UNet and the
+  feature projections. Every step: ϑ_K = `inner_steps` L_ft steps from ϑ on a copy (θ_u fixed;
+  AdamW at lower_lr whose moments persist, as BOME's inner optimiser does); the value-function gap
+  q = L_ft(θ_u, ϑ) − L_ft(θ_u, ϑ_K) on one retain batch (ϑ_K a constant), whose θ_u-gradient
+  ∇θ_u L_ft(θ_u, ϑ) − ∇θ_u L_ft(θ_u, ϑ_K) carries the inner solution; then every parameter moves
+  along d = ∇L_CU + λ∇q with BOME's λ = max(η − <∇L_CU, ∇q>/|∇q|², 0) (φ = η|∇q|², η =
+  `penalty_eta`), through one AdamW with a θ_u group at upper_lr and a ϑ group at lower_lr (BOME
+  uses SGD). As in BOME the upper loss's gradient reaches ϑ too: the constraint, not a mask, keeps
+  ϑ on the distillation. The log holds q (`gap`) and λ (`penalty_lambda`). Costs inner_steps + 2
+  lower passes and one upper pass per step, and two gradient-sized buffers. Digits defaults: K = 2
+  (EraseDiff's authors' K for the same kind of inner problem), η = 0.5 (BOME's toy default).
 
 Scale and robustness: HF Accelerate (mixed precision, any device; several processes with
 `accelerate launch --multi_gpu` on GPUs, or `torchrun --nproc_per_node N` with
@@ -70,6 +82,7 @@ from torch import nn
 
 from toolchain.artifact import Artifact, folder_size
 from toolchain.config import CONFIG_DIR, ConceptConfig, ConfigError, FinetuneConfig, load_concept
+from toolchain.errors import TrainingDivergedError
 from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, load_unet, save_unet
 from toolchain.unlearning import OBJECTIVE_LATENTS, ForgetBatch, get_objective, trainable_parameters
 
@@ -78,10 +91,6 @@ logger = logging.getLogger(__name__)
 SAMPLES_FILE = "teacher_samples.safetensors"
 LOSSES_FILE = "losses.jsonl"
 CHECKPOINTS = "checkpoints"
-
-
-class TrainingDivergedError(RuntimeError):
-    """A loss became NaN/inf or exceeded `max_loss`; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,12 +408,11 @@ def kd_block_widths(student, teacher, data: TrainingData, mode: str) -> dict[str
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    with torch.no_grad():
-        _, s_feats = forward_with_features(
-            student, [n for n in block_names(student) if n in block_names(teacher)], x.to(device), t, emb.to(device)
-        )
+    with torch.no_grad():  # every input on its model's device: the timestep too (CUDA)
+        names = [n for n in block_names(student) if n in block_names(teacher)]
+        _, s_feats = forward_with_features(student, names, x.to(device), t.to(device), emb.to(device))
         tdev = next(teacher.parameters()).device
-        _, t_feats = forward_with_features(teacher, list(s_feats), x.to(tdev), t, emb.to(tdev))
+        _, t_feats = forward_with_features(teacher, list(s_feats), x.to(tdev), t.to(tdev), emb.to(tdev))
     student.train(was_training)
     widths = {}
     for name, s in s_feats.items():
@@ -536,6 +544,21 @@ def restart_losses(losses_file: Path, start: int) -> None:
     losses_file.write_text("".join(line + "\n" for line in kept))
 
 
+def bome_direction(
+    grad_f: list[torch.Tensor], grad_q: list[torch.Tensor], eta: float
+) -> tuple[list[torch.Tensor], float]:
+    """BOME's update direction d = ∇f + λ∇q with λ = max((φ − <∇f, ∇q>)/|∇q|², 0), φ = η|∇q|²: the
+    smallest λ >= 0 with <d, ∇q> >= η|∇q|², so every step closes the gap q at least as fast as η∇q
+    alone would, and λ = 0 where ∇f already does. Gradients: one tensor per parameter, in the same
+    order; returns (d, λ); λ = 0 where ∇q = 0."""
+    dot = sum((f.double() * q.double()).sum() for f, q in zip(grad_f, grad_q, strict=True))
+    norm = sum((q.double() ** 2).sum() for q in grad_q)
+    if not norm > 0:
+        return list(grad_f), 0.0
+    lam = max(eta - float(dot / norm), 0.0)
+    return [f + lam * q for f, q in zip(grad_f, grad_q, strict=True)], lam
+
+
 def train(
     student,
     teacher,
@@ -597,20 +620,27 @@ def train(
     subset = [p for _, p in trainable_parameters(student, cfg.trainable)]
     subset_ids = {id(p) for p in subset}
     adamw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    copy_model = copy.deepcopy(model) if penalty else None
-    # bilevel-penalty: the lower optimiser trains the copy ϑ, the outer one all of θ
-    lower_opt = torch.optim.AdamW((copy_model if penalty else model).parameters(), lr=cfg.lower_lr, **adamw)
-    upper_opt = torch.optim.AdamW(list(model.parameters()) if penalty else subset, lr=cfg.upper_lr, **adamw)
-    if penalty:
+    params = list(model.parameters())
+    is_upper = [id(p) in subset_ids for p in params]
+    if penalty:  # BOME: the inner optimiser trains the copy's lower variables, the outer one moves all
+        copy_model = copy.deepcopy(model)
+        copy_lower = [c for c, up in zip(copy_model.parameters(), is_upper, strict=True) if not up]
+        lower = [p for p, up in zip(params, is_upper, strict=True) if not up]
+        lower_opt = torch.optim.AdamW(copy_lower, lr=cfg.lower_lr, **adamw)
+        groups = [{"params": subset, "lr": cfg.upper_lr}, {"params": lower, "lr": cfg.lower_lr}]
+        upper_opt = torch.optim.AdamW(groups, **adamw)
         model, copy_model, lower_opt, upper_opt = accelerator.prepare(model, copy_model, lower_opt, upper_opt)
     else:
+        copy_model = None
+        lower_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lower_lr, **adamw)
+        upper_opt = torch.optim.AdamW(subset, lr=cfg.upper_lr, **adamw)
         model, lower_opt, upper_opt = accelerator.prepare(model, lower_opt, upper_opt)
     unwrapped = accelerator.unwrap_model(model)
 
     # ---- resume
     ckpt_dir = out_dir / CHECKPOINTS
     losses_file = out_dir / LOSSES_FILE
-    modules = {"model": unwrapped, **({"copy": accelerator.unwrap_model(copy_model)} if penalty else {})}
+    modules = {"model": unwrapped}  # bilevel-penalty's copy starts from the model every step
     optimizers = {"lower": lower_opt, "upper": upper_opt}
     start = load_checkpoint(ckpt_dir, modules, optimizers, device)
     if accelerator.is_main_process:
@@ -741,6 +771,9 @@ def train(
             total += loss.detach()
         return accelerator.reduce(torch.as_tensor(total, device=device).float(), reduction="mean").item()
 
+    def lower_lr(step: int) -> float:
+        return cfg.lower_lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lower_lr
+
     def lower_step(step: int, net, optimizer, stream: int) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         batch = lower_batch(data, cfg, step, stream, num_timesteps)
@@ -755,7 +788,7 @@ def train(
         value = backward(loss_of, net)
         check(value, "lower", step)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lower_lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lower_lr
+            group["lr"] = lower_lr(step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"lower": value, **parts}
@@ -786,21 +819,9 @@ def train(
                         p.copy_(s)
                 model.zero_grad(set_to_none=True)
                 record["forget_min"] = sum(values) / len(values)
-            if cfg.erasediff_lambda >= 0:
-                l_r = backward(lambda m: retain_denoising_loss(retain, m), model)
-                l_f = backward(lambda m: upper_loss(batch, m, attacked), model, scale=cfg.erasediff_lambda)
-                lam = cfg.erasediff_lambda
-            else:  # adaptive: λ = max(η − cos(∇L_r, ∇q), 0), ∇q = ∇L_f (L_f* is a constant)
-                l_r = backward(lambda m: retain_denoising_loss(retain, m), model)
-                g_r = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in subset]
-                model.zero_grad(set_to_none=True)
-                l_f = backward(lambda m: upper_loss(batch, m, attacked), model)
-                g_q = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in subset]
-                flat_r, flat_q = torch.cat([g.flatten() for g in g_r]), torch.cat([g.flatten() for g in g_q])
-                cos = F.cosine_similarity(flat_r, flat_q, dim=0).item()
-                lam = max(cfg.erasediff_eta - cos, 0.0)
-                for p, gr, gq in zip(subset, g_r, g_q, strict=True):
-                    p.grad = gr + lam * gq
+            lam = cfg.erasediff_lambda  # step on ∇L_r + λ∇q, ∇q = ∇L_f (L_f* is a constant)
+            l_r = backward(lambda m: retain_denoising_loss(retain, m), model)
+            l_f = backward(lambda m: upper_loss(batch, m, attacked), model, scale=lam)
             check(l_r + lam * l_f, "upper", step)
             record.update(upper=l_r + lam * l_f, retain=l_r, forget=l_f, erasediff_lambda=lam)
             if "forget_min" in record:
@@ -817,27 +838,44 @@ def train(
         lower_opt.zero_grad(set_to_none=True)
         return record
 
+    def take_grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The accumulated gradients of `tensors` (zeros where none), which are left without one."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+        for p in tensors:
+            p.grad = None
+        return grads
+
     def penalty_step(step: int) -> dict[str, float]:
-        """K inner L_ft steps on the copy ϑ, then θ ← θ − lr·Adam(∇L_CU(θ)|subset + λ∇L_ft(θ))."""
+        """BOME's step (module docstring): ϑ_K on the copy, q's gradient, d = ∇L_CU + λ∇q on every parameter."""
+        plain_copy = list(accelerator.unwrap_model(copy_model).parameters())
+        with torch.no_grad():  # ϑ_0 = ϑ; the copy's θ_u stay equal to θ_u (the inner optimiser skips them)
+            for c, p in zip(plain_copy, params, strict=True):
+                c.copy_(p)
         record: dict[str, float] = {}
         for k in range(cfg.inner_steps):
             record["inner"] = lower_step(step, copy_model, lower_opt, 4 + k)["lower"]
         upper_opt.zero_grad(set_to_none=True)
         batch = upper_batch(data, cfg, step, 1, num_timesteps)
-        attacked = robust_conditioning(batch, step)  # the retain term here is λ·L_ft
+        attacked = robust_conditioning(batch, step)  # no robust retain term: L_ft is the retain term here
         record["upper"] = backward(lambda m: upper_loss(batch, m, attacked), model)
         check(record["upper"], "upper", step)
-        for p in model.parameters():
-            if id(p) not in subset_ids:
-                p.grad = None
-        lower = lower_batch(data, cfg, step, 0, num_timesteps)
-        record["lower"] = backward(lambda m: lower_loss(model, lower, m)[0], model, scale=cfg.penalty_lambda)
+        grad_f = take_grads(params)
+        retain = lower_batch(data, cfg, step, 0, num_timesteps)
+        record["lower"] = backward(lambda m: lower_loss(model, retain, m)[0], model)
         check(record["lower"], "lower", step)
-        with torch.no_grad():
-            inner_now = lower_loss(copy_model, lower, 0)[0].item()
-        record["gap"] = record["lower"] - inner_now
+        grad_q = take_grads(params)  # ∇L_ft(θ_u, ϑ); minus ∇θ_u L_ft(θ_u, ϑ_K) below
+        take_grads(plain_copy)  # the inner steps left gradients on the copy's θ_u
+        record["lower_inner"] = backward(lambda m: lower_loss(copy_model, retain, m)[0], copy_model)
+        for i, (c, up) in enumerate(zip(take_grads(plain_copy), is_upper, strict=True)):
+            if up:
+                grad_q[i] = grad_q[i] - c
+        direction, lam = bome_direction(grad_f, grad_q, cfg.penalty_eta)
+        for p, d in zip(params, direction, strict=True):
+            p.grad = d
+        upper_opt.param_groups[1]["lr"] = lower_lr(step)
         upper_opt.step()
         upper_opt.zero_grad(set_to_none=True)
+        record.update(gap=record["lower"] - record["lower_inner"], penalty_lambda=lam)
         return record
 
     def checkpoint(step: int) -> None:

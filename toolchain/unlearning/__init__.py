@@ -94,7 +94,7 @@ def trainable_parameters(unet: torch.nn.Module, subset: str) -> list[tuple[str, 
 
 
 # Explicit imports register the built-in objectives.
-from toolchain.unlearning import ablation, all_but_one, erasediff, esd, sfd  # noqa: E402,F401
+from toolchain.unlearning import ablation, all_but_one, erasediff, esd, override  # noqa: E402,F401
 
 __all__ = [
     "ForgetBatch",
