@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.digits_erase import erase_seven, markdown_header, write_result
+from benchmarks.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
 
 ROWS = (
     "teacher",
@@ -122,14 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
         the prompts the attack found on the PyTorch model (transfer)."""
         from benchmarks.latency import OrtPipeline
         from export.onnx import export_onnx
-        from export.quantize import collect_unet_calibration, quantize_onnx_folder
+        from export.quantize import collect_unet_calibration, collect_unet_parity_feed, quantize_onnx_folder
         from toolchain.attacks import transfer_rate
 
         model = copy.copy(pipe)
         model.unet = unet.eval()
         fp32_dir, int8_dir = tmp / "onnx-fp32", tmp / "onnx-int8"
         files = export_onnx(model, fp32_dir, progress=False)["files"]
-        calibration = collect_unet_calibration(fp32_dir, seven.erase_prompts + [p[0] for p in retain.values()], n=16)
+        prompts = seven.erase_prompts + [p[0] for p in retain.values()]
+        calibration = collect_unet_calibration(fp32_dir, prompts, n=16)
         quantize_onnx_folder(
             fp32_dir,
             int8_dir,
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             op_types=["Conv", "MatMul"],
             quant_format="QDQ",
             calibration={"unet": calibration},
+            parity_inputs={"unet": collect_unet_parity_feed(fp32_dir, prompts[:2], seed=1)},  # held out
             progress=False,
         )
         out = {}
@@ -160,10 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
             }
         return out
 
+    given = list(sys.argv[1:] if argv is None else argv)
+
     def write(rows: dict) -> dict:
-        """Write OUT.json / OUT.md with the rows measured so far; returns the result."""
+        """Write OUT.json / OUT.md with the rows measured so far (keeping OUT.md's hand-written
+        section); returns the result."""
         result = {
-            "command": "python -m benchmarks.attack_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m benchmarks.attack_digits " + " ".join(reproducing_args(given, rows, extra)),
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
             "versions": {
                 "torch": torch.__version__,
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
             "rows": rows,
             **extra,
         }
-        write_result(args.out, result, to_markdown)
+        kept = handwritten_section(args.out.with_suffix(".md")) if args.out is not None else ""
+        write_result(args.out, result, lambda r: to_markdown(r) + kept)
         if args.out is not None:
             write_plot(result, args.out.with_suffix(".png"))
         return result
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         if [other["settings"][k] for k in ("finetune", "attack", "n_per_prompt")] != same:
             raise SystemExit(f"{path}: measured with other settings than this command's; not merged")
         rows.update(other["rows"])
-        extra.setdefault("merged", []).append(other["command"])
+        extra.setdefault("merged", []).append(" ".join(drop_option(other["command"].split(" "), "--out")))
         if "int8" in other:
             extra["int8"] = other["int8"]
     for name in args.rows:
@@ -246,6 +252,31 @@ def main(argv: list[str] | None = None) -> dict:
         extra["int8"] = {"row": args.int8, **int8_transfer(unet, rows[args.int8]["attacked_prompts"])}
         print("int8", extra["int8"], flush=True)
     return write(rows)
+
+
+def drop_option(args: list[str], name: str) -> list[str]:
+    """`args` without the option `name` and the values that follow it."""
+    kept, dropping = [], False
+    for arg in args:
+        if arg.startswith("--"):
+            dropping = arg == name
+        if not dropping:
+            kept.append(arg)
+    return kept
+
+
+def reproducing_args(given: list[str], rows: dict, extra: dict) -> list[str]:
+    """The arguments that measure this result in one process from a clean checkout. A --merge run
+    only assembles rows other runs measured (their files are scratch, not in the repository), so
+    it is recorded as the single run of the same settings over the same rows and int8 section;
+    the part commands that measured them in parallel are kept under `merged`."""
+    if "--merge" not in given:
+        return given
+    args = drop_option(drop_option(drop_option(given, "--merge"), "--keep"), "--rows")
+    args += ["--rows", *sorted(rows, key=ROWS.index)]
+    if "int8" in extra and "--int8" not in args:
+        args += ["--int8", extra["int8"]["row"]]
+    return args
 
 
 def write_plot(result: dict, path: Path) -> None:
@@ -339,7 +370,6 @@ def to_markdown(result: dict) -> str:
             f"{100 / counts['retain']:.2f} of retain accuracy.",
             "",
         ]
-    lines += [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.digits_erase import erase_seven, markdown_header, write_result
+from benchmarks.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
 
 ROWS = ("teacher", "bilevel", "sfd-1", "sfd-1@2", "sfd-1@4", "sfd-2")
 
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    write_result(args.out, result, to_markdown)
+    kept = handwritten_section(args.out.with_suffix(".md")) if args.out is not None else ""
+    write_result(args.out, result, lambda r: to_markdown(r) + kept)
     return result
 
 
@@ -257,8 +258,7 @@ def to_markdown(result: dict) -> str:
             f"{rows['sfd-1']['unet_parity_max_abs_err']:.2g})."
         )
         lines.append("")
-    lines += [f"- {note}" for note in result.get("notes", [])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Modes (ONNX Runtime's two quantizers):
   has an int8 kernel. Activations are uint8 (what x86's u8s8 VNNI kernels take), weights int8.
 Calibration feeds for the UNet come from the pipeline's own denoising trajectories
 (`collect_unet_calibration`), not random inputs: random noise at random timesteps gives
-activation ranges the model never sees when it draws.
+activation ranges the model never sees when it draws. The int8 graph is compared with the fp32 one
+on a feed the calibration did not see (`collect_unet_parity_feed`: a trajectory of another seed).
 
 Every graph first goes through `quant_pre_process(skip_symbolic_shape=True)` (ORT's symbolic
 shape inference fails on the exported UNet's attention reshapes; ONNX shape inference suffices).
@@ -96,8 +97,10 @@ def quantize_onnx_folder(
     calibration: static mode only, per component a list of feeds {input name: array}, e.g. the
     UNet's {"sample": (2B, 4, h, w), "timestep": () float32, "encoder_hidden_states": (2B, L, D)}.
     nodes_to_exclude: node names kept in fp32 (sensitive layers).
-    parity_inputs: per component the feed the int8 graph is compared on (default: the first
-    calibration feed when there is one, else `benchmarks.latency.component_inputs` at batch 2).
+    parity_inputs: per component the feed the int8 graph is compared on. Static mode needs one per
+    component that is none of its calibration feeds (for the UNet: `collect_unet_parity_feed`):
+    ranges fitted to a feed reproduce that feed best, so parity on it overstates int8's accuracy.
+    Dynamic mode calibrates nothing; its default is `benchmarks.latency.component_inputs` at batch 2.
 
     Returns::
 
@@ -135,6 +138,8 @@ def quantize_onnx_folder(
                 f"mode 'static' needs calibration feeds for {lacking}; pass calibration={{name: [feed, ...]}} "
                 "(for the UNet: collect_unet_calibration) or use mode 'dynamic'"
             )
+    if mode == "static":
+        _check_parity_held_out(components, calibration, parity_inputs or {})
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the source folder; quantization never modifies its input")
 
@@ -206,9 +211,7 @@ def quantize_onnx_folder(
 
         if parity_inputs and name in parity_inputs:
             inputs = parity_inputs[name]
-        elif calibration and calibration.get(name):
-            inputs = calibration[name][0]
-        else:
+        else:  # dynamic mode: nothing was calibrated
             inputs = component_inputs(src_dir, name, batch=PARITY_BATCH)
         max_abs_err, psnr_db = onnx_pair_parity(src, target, inputs)
         logger.info(
@@ -243,6 +246,26 @@ def quantize_onnx_folder(
                 "(nodes_to_exclude), quantize fewer op types, or use mode 'static' with more calibration feeds"
             )
     return result
+
+
+def _check_parity_held_out(components, calibration: dict, parity_inputs: dict) -> None:
+    """Static int8 is judged on a feed its activation ranges were not fitted to."""
+    lacking = [c for c in components if c not in parity_inputs]
+    if lacking:
+        raise ValueError(
+            f"mode 'static' needs a held-out parity feed for {lacking}: pass parity_inputs={{name: feed}} with a "
+            "feed the calibration did not see (for the UNet: collect_unet_parity_feed, another seed)"
+        )
+    reused = [c for c in components if any(_same_feed(parity_inputs[c], f) for f in calibration[c])]
+    if reused:
+        raise ValueError(
+            f"parity_inputs for {reused} is one of the calibration feeds; int8 reproduces the feed it was "
+            "calibrated on best, so that parity overstates it: pass a held-out feed (collect_unet_parity_feed)"
+        )
+
+
+def _same_feed(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
 def onnx_pair_parity(reference_path: Path, test_path: Path, inputs: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -314,6 +337,20 @@ def collect_unet_calibration(
         raise RuntimeError("the ONNX pipeline ran no UNet step; pass at least one prompt and steps >= 1")
     picks = np.unique(np.linspace(0, len(recorded) - 1, num=min(n, len(recorded))).round().astype(int))
     return [recorded[i] for i in picks]
+
+
+def collect_unet_parity_feed(
+    onnx_dir: Path,
+    prompts: list[str],
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    seed: int = 1,
+    threads: int = 0,
+) -> dict[str, np.ndarray]:
+    """The UNet feed of the middle step of a trajectory drawn with `seed`: pass a seed the calibration
+    trajectories did not use, so the int8 parity gate is measured on data the ranges were not fitted to."""
+    feeds = collect_unet_calibration(onnx_dir, prompts, steps, guidance_scale, seed, n=3, threads=threads)
+    return feeds[len(feeds) // 2]
 
 
 def _size(path: Path) -> int:

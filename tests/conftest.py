@@ -83,3 +83,52 @@ def finished_run(tiny_sd_dir, tmp_path_factory):
     first_s = time.perf_counter() - start
     assert art.hash_folder(tiny_sd_dir) == before, "the input model must never be modified"
     return out, first_s
+
+
+# Erase 7 from the embedded digits model through the whole chain (prune 30% channels -> bilevel
+# finetune -> ONNX export -> benchmark), cheaply: 80 steps with an ESD-from-the-anchor upper step
+# after every lower step (measured: ~25 s of training on 2 cores, leakage of 7 through ONNX 1 of 56
+# images). Few steps do not let a distilled student draw 7 on its own (attack-digits.md: 16% after
+# 600 steps), so its distillation data keeps 7's prompts, as captions of web-scale data would: only
+# the unlearning level removes the concept, and with unlearning off the student draws 7s.
+SEVENS = [
+    "a handwritten digit seven",
+    "the number 7",
+    "7",
+    "a drawing of a seven",
+    "seven",
+    "handwritten 7",
+    "the digit seven",
+]
+DIGITS_ERASE_RETAIN = [f"the number {d}" for d in range(10) if d != 7] + SEVENS  # configs/concepts/digit-7.yaml
+DIGITS_ERASE_OVERRIDES = [
+    "finetune.enabled=true",
+    "finetune.mode=bilevel",
+    "finetune.objective=esd",
+    "finetune.esd_from_anchor=true",
+    "finetune.esd_eta=2.0",
+    "finetune.steps=80",
+    "finetune.upper_every=1",
+    "finetune.batch_size=16",
+    "finetune.upper_batch_size=8",
+    "finetune.lower_lr=1e-3",
+    "finetune.upper_lr=1e-3",
+    "finetune.samples_per_prompt=2",
+    "finetune.sample_steps=10",
+    "finetune.checkpoint_every=100000",
+    "finetune.retain_prompts=[" + ",".join(f'"{p}"' for p in DIGITS_ERASE_RETAIN) + "]",
+    "benchmark.judge=none",  # the tests judge the deliverable themselves, with more images of 7
+    "benchmark.warmup=0",
+    "benchmark.repeats=1",
+]
+
+
+@pytest.fixture(scope="session")
+def erased_digits_run(tmp_path_factory):
+    """`compress --target onnx --erase 7` on the embedded digits model (settings above): the run
+    folder, with 01-prune, 02-finetune, 03-export and deploy/onnx (the fp32 erased student)."""
+    from toolchain.models.io import EMBEDDED_MODEL
+
+    out = tmp_path_factory.mktemp("erase-7") / "run"
+    assert run(EMBEDDED_MODEL, out, "--erase", "7", *DIGITS_ERASE_OVERRIDES) == 0
+    return out

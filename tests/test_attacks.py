@@ -7,6 +7,7 @@ robust option resists it, on the embedded digits model with short runs.
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -320,15 +321,28 @@ def test_prefix_attack_stays_at_chance_on_a_model_that_never_learned_the_concept
     assert abs(report.prompt_attack - report.plain) <= 0.25, report.to_report()
 
 
-def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to_the_export(
-    tiny_sd_dir, tiny_pipe, tmp_path
-):
-    """`_attack_stages` (the benchmark stage's attack step) on a source -> finetune -> export chain
-    of the tiny model: both attacks per PyTorch stage, the found prompts rerun on the ONNX export."""
+class ConstantJudge:
+    """Calls every image `label`: every attack success it judges must then be exactly 1 or 0."""
+
+    name = "constant"
+    classes = tuple("0123456789")
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def classify(self, images):
+        import numpy as np
+
+        labels = np.full(len(images), self.label)
+        return SimpleNamespace(labels=labels, probs=np.ones((len(images), 1)))
+
+
+def _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path):
+    """A source -> finetune -> export chain of the tiny model, its stage entries and the attack settings."""
     from export.onnx import export_onnx
     from toolchain.artifact import Artifact
     from toolchain.config import BenchmarkConfig, RunConfig
-    from toolchain.stages.benchmark import _attack_stages, _evaluation_plan
+    from toolchain.stages.benchmark import _evaluation_plan
 
     onnx_dir = tmp_path / "onnx"
     exported = export_onnx(tiny_pipe, onnx_dir, progress=False)
@@ -337,32 +351,76 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
         Artifact(path=tiny_sd_dir, kind="diffusers", stage="finetune"),
         Artifact(path=onnx_dir, kind="onnx", stage="export", metrics={"files": exported["files"]}),
     ]
-    stages = [{"name": a.stage} for a in chain]
     bench = BenchmarkConfig(eval_steps=2, judge="digits")
     budget = AttackConfig(
-        enabled=True, n_prompts=2, steps=2, batch=2, images_per_prompt=1, inversion_steps=2, soft_steps=2
+        enabled=True, n_prompts=2, steps=2, batch=2, images_per_prompt=4, inversion_steps=2, soft_steps=2
     )
-    run_config = RunConfig(erase=["7"], attack=budget)
-    evaluation = _evaluation_plan(chain[0], ["7"], bench)
+    return chain, bench, RunConfig(erase=["7"], attack=budget), _evaluation_plan(chain[0], ["7"], bench)
 
-    def files(artifact):
-        return {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
 
-    _attack_stages(chain, stages, evaluation, run_config, bench, files, ["CPUExecutionProvider"], 1)
+def _files(artifact):
+    return {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
+
+
+def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to_the_export(
+    tiny_sd_dir, tiny_pipe, tmp_path
+):
+    """`_attack_stages` (the benchmark stage's attack step): both attacks per PyTorch stage, the
+    found prompts rerun on the ONNX export; every figure is what the judge says of the images."""
+    from benchmarks.latency import OrtPipeline
+    from benchmarks.leakage import diffusers_generator, get_judge
+    from toolchain.attacks import transfer_rate
+    from toolchain.config import RunConfig
+    from toolchain.stages.benchmark import _attack_stages
+
+    chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
+    budget = run_config.attack
+    stages = [{"name": a.stage} for a in chain]
+    _attack_stages(chain, stages, evaluation, run_config, bench, _files, ["CPUExecutionProvider"], 1)
+    judge, n = get_judge("digits"), budget.n_prompts * budget.images_per_prompt
+    torch_pipe = diffusers_generator(tiny_pipe, steps=bench.eval_steps, guidance_scale=bench.guidance_scale)
     for entry in stages[:2]:
         attack = entry["attack"]["7"]
-        assert attack["attacked_on"] == entry["name"]
-        assert 0.0 <= attack["prompt_attack"] <= 1.0 and 0.0 <= attack["embedding_attack"] <= 1.0
-        assert 0.0 <= attack["soft_prompt_attack"] <= 1.0 and attack["budget"]["soft_steps"] == 2
+        assert attack["attacked_on"] == entry["name"] and len(attack["prompts"]) == 2
         assert attack["budget"]["prefix_tokens"] == 3 and attack["budget"]["steps"] == 2
-        assert len(attack["prompts"]) == 2
+        assert attack["budget"]["soft_steps"] == 2 and attack["prompt_attack_n"] == n
+        # the attacked prompts, drawn again under the attack's seeds, give its figure (one image of slack
+        # for a judge decision that float rounding could flip)
+        again = transfer_rate(torch_pipe, attack["prompts"], "7", judge, budget.images_per_prompt, budget.seed)
+        assert abs(attack["prompt_attack"] - again) <= 1 / n, (attack, again)
     transfer = stages[2]["attack"]["7"]
     assert transfer["attacked_on"] == "finetune" and transfer["prompts"] == stages[1]["attack"]["7"]["prompts"]
     assert transfer["embedding_attack"] is None and transfer["soft_prompt_attack"] is None
-    assert 0.0 <= transfer["prompt_attack"] <= 1.0
+    ort_pipe = OrtPipeline(chain[2].path, _files(chain[2]), ["CPUExecutionProvider"], 1)
+
+    def exported(prompts, seed):
+        return ort_pipe(prompts, seed, steps=bench.eval_steps, guidance_scale=bench.guidance_scale)
+
+    again = transfer_rate(exported, transfer["prompts"], "7", judge, budget.images_per_prompt, budget.seed)
+    assert abs(transfer["prompt_attack"] - again) <= 1 / n, (transfer, again)
     untouched = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, untouched, evaluation, RunConfig(erase=["7"]), bench, files, [], 1)  # attack.enabled false
+    _attack_stages(chain, untouched, evaluation, RunConfig(erase=["7"]), bench, _files, [], 1)  # attack.enabled false
     assert all("attack" not in entry for entry in untouched)
+
+
+@pytest.mark.parametrize("label, rate", [("7", 1.0), ("3", 0.0)])
+def test_every_attack_figure_is_the_judges_share(tiny_sd_dir, tiny_pipe, tmp_path, label, rate):
+    """A judge that calls every image `label`: each attack's success and the plain rate, on every
+    stage and through the export, are exactly 1 (label 7) or 0 (another label), never a constant."""
+    from benchmarks.leakage import judge_names, register_judge
+    from toolchain.stages.benchmark import _attack_stages
+
+    if "test-constant" not in judge_names():
+        register_judge("test-constant")(ConstantJudge)
+    chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
+    evaluation = {**evaluation, "judge": "test-constant", "options": {"label": label}}
+    stages = [{"name": a.stage} for a in chain]
+    _attack_stages(chain, stages, evaluation, run_config, bench, _files, ["CPUExecutionProvider"], 1)
+    for entry in stages[:2]:
+        attack = entry["attack"]["7"]
+        figures = [attack[k] for k in ("plain", "prompt_attack", "soft_prompt_attack", "embedding_attack")]
+        assert figures == [rate] * 4, attack
+    assert stages[2]["attack"]["7"]["prompt_attack"] == rate
 
 
 def test_robust_option_lowers_attack_success_relative_to_plain_bilevel_in_a_short_run(digits, tmp_path):

@@ -123,11 +123,22 @@ def test_geglu_keeps_its_share_and_both_halves_match(pruned):
         assert rows[:kept] == [r - inner for r in rows[kept:]]
 
 
-def test_save_and_rebuild_is_bit_identical(pruned, tmp_path):
+# fp32 summation order only: rebuilt weights are read from safetensors into memory of another
+# alignment, and CPU kernels may then sum in another order (measured on an AMD EPYC: 6e-7 at an
+# output scale of 0.7; bit-identical on an Intel Xeon). One conv's channels out of order moves it by 0.45.
+REBUILD_TOLERANCE = 1e-5
+
+
+def test_save_and_rebuild_is_exact(pruned, tmp_path):
+    """The weights come back bit for bit (a copy, portable); the outputs agree within fp32 rounding."""
     _, _, unet, record = pruned
     save_unet(unet, tmp_path, record)
     rebuilt = load_unet(tmp_path)
-    assert torch.equal(run(rebuilt), run(unet))
+    saved, loaded = unet.state_dict(), rebuilt.state_dict()
+    assert list(loaded) == list(saved)
+    for key, tensor in saved.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+    torch.testing.assert_close(run(rebuilt), run(unet), rtol=0.0, atol=REBUILD_TOLERANCE)
 
 
 def test_tampered_record_is_refused_naming_the_key(tmp_path):

@@ -238,8 +238,13 @@ def test_bk_student_round_trips_through_save_pretrained(tmp_path):
     student.save_pretrained(tmp_path, safe_serialization=True)
     assert json.loads((tmp_path / "config.json").read_text())["mid_block_type"] is None
     loaded = load_unet(tmp_path)
+    saved = student.state_dict()
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(tensor, saved[key]) for key, tensor in loaded.state_dict().items())
+    # outputs: fp32 rounding only. Weights read from safetensors sit at another memory alignment,
+    # where CPU kernels may sum in another order (tests/test_pruning_channels.py, REBUILD_TOLERANCE)
     args = inputs_for(TEACHER)
-    assert torch.equal(forward(loaded, *args), forward(student, *args))
+    torch.testing.assert_close(forward(loaded, *args), forward(student, *args), rtol=0.0, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["bk-base", "bk-tiny"])

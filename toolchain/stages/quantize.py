@@ -4,7 +4,8 @@ Input: the sealed `export` artifact (an optimum-layout ONNX folder). Output, in 
 folder: the same layout with `cfg.components` int8 (ONNX Runtime quantization, gated by a PSNR
 floor against the fp32 ONNX component) and, with `cfg.fp16`, the other components fp16 (gated by
 `export.onnx_fp16`'s tolerance). Static int8 is calibrated on UNet inputs recorded while the fp32
-ONNX pipeline draws the recipe's own prompts (its concepts' prompts, else `calibration_text`).
+ONNX pipeline draws the recipe's own prompts (its concepts' prompts, else `calibration_text`), and
+gated on a feed from another seed's trajectory, which the calibration did not see.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import shutil
 
 from toolchain.artifact import Artifact, folder_size
 from toolchain.config import QuantizeConfig
+
+PARITY_PROMPTS = 2  # prompts of the held-out parity trajectory (a UNet feed of batch 4)
 
 
 def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
@@ -43,7 +46,7 @@ def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
                 metrics["files"].update(result["files"])
                 records["fp16_components"] = rest
         if int8:
-            calibration = None
+            calibration, parity_inputs = None, {}
             if cfg.mode == "static":
                 calibration = {}
                 prompts = _calibration_prompts(cfg, ctx)
@@ -61,6 +64,7 @@ def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
                         seed=cfg.calibration_seed,
                         n=cfg.calibration_feeds,
                     )
+                    parity_inputs["unet"] = held_out_feed(src, prompts, cfg)
             scratch = ctx.out_dir / ".int8"
             result = quantize_onnx_folder(
                 src,
@@ -74,6 +78,7 @@ def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
                 calibration=calibration,
                 nodes_to_exclude=tuple(cfg.exclude_nodes),
                 psnr_floor_db=cfg.psnr_floor_db,
+                parity_inputs=parity_inputs or None,
                 progress=ctx.progress,
             )
             if not records["fp16_components"]:  # nothing written yet: take the whole folder
@@ -97,6 +102,20 @@ def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
         kind="onnx",
         records=records,
         metrics={**metrics, "params": dict(source.metrics.get("params", {})), "size_bytes": folder_size(ctx.out_dir)},
+    )
+
+
+def held_out_feed(src, prompts: list[str], cfg: QuantizeConfig):
+    """The UNet feed the int8 gate compares on: the middle step of a trajectory of the first
+    PARITY_PROMPTS calibration prompts under the next seed, which no calibration feed came from."""
+    from export.quantize import collect_unet_parity_feed
+
+    return collect_unet_parity_feed(
+        src,
+        prompts[:PARITY_PROMPTS],
+        steps=cfg.calibration_steps,
+        guidance_scale=cfg.calibration_guidance_scale,
+        seed=cfg.calibration_seed + 1,
     )
 
 

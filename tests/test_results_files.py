@@ -1,0 +1,125 @@
+"""Committed results (benchmarks/results/*.json): written by code only, and every command they
+name reproduces them from a clean checkout. Findings a person adds live in the .md's hand-written
+section (benchmarks/digits_erase.py, HANDWRITTEN_HEADING), never in the JSON."""
+
+import ast
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# results whose JSON names no `command` of its own: the files of the code that writes them
+WRITERS = {
+    "baseline-default.json": ["toolchain/stages/benchmark.py", "benchmarks/report.py"],  # a run's report.json
+    "int8-digits.json": ["benchmarks/int8_speed.py"],
+    "int8-speed.json": ["benchmarks/int8_speed.py"],
+}
+# results whose .md is rendered from the .json by the writer's `to_markdown`, plus the hand-written section
+RENDERED = {"attack-digits": "benchmarks.attack_digits", "onestep-digits": "benchmarks.onestep_digits"}
+RENDERED["finetune-digits"] = "benchmarks.finetune_digits"
+RESULT_FILES = sorted(p.name for p in RESULTS.glob("*.json"))
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _writer_files(name: str, result: dict) -> list[Path]:
+    if name in WRITERS:
+        return [ROOT / f for f in WRITERS[name]]
+    match = re.match(r"python -m (benchmarks(?:\.\w+)+)\b", result.get("command", ""))
+    assert match, f"{name}: no `command` naming its writer (python -m benchmarks.<script> ...), and not in WRITERS"
+    return [ROOT / (match.group(1).replace(".", "/") + ".py")]
+
+
+def _written_keys(files: list[Path]) -> set[str]:
+    """String keys the code can write: dict displays, `x["key"] = ...`, setdefault("key", ...), and
+    keyword arguments of dict(...) / .update(...). Reads such as `.get("key")` do not count."""
+    keys = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Dict):
+                keys |= {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+            elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+                if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+                    keys.add(node.slice.value)
+            elif isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name == "setdefault" and node.args and isinstance(node.args[0], ast.Constant):
+                    keys.add(node.args[0].value)
+                if name in ("dict", "update"):
+                    keys |= {k.arg for k in node.keywords if k.arg}
+    return keys
+
+
+@pytest.mark.parametrize("name", RESULT_FILES)
+def test_results_carry_only_keys_their_writer_writes(name):
+    result = _load(name)
+    files = _writer_files(name, result)
+    written = _written_keys(files)
+    assert sorted(set(result) - written) == [], f"{name}: keys no code in {[str(f) for f in files]} writes"
+    rows = result.get("rows", {})
+    for row_name, row in rows.items() if isinstance(rows, dict) else enumerate(rows):
+        assert sorted(set(row) - written) == [], f"{name}: row {row_name} has keys its writer does not write"
+
+
+def _commands(value) -> list[str]:
+    """Every command a results file names: `command` values anywhere, and `merged` lists."""
+    if isinstance(value, list):
+        return [c for item in value for c in _commands(item)]
+    if not isinstance(value, dict):
+        return []
+    found = [v for k, v in value.items() if k == "command" and isinstance(v, str)]
+    found += [c for c in value.get("merged", []) if isinstance(c, str)]
+    return found + [c for k, v in value.items() if k != "merged" for c in _commands(v)]
+
+
+@pytest.mark.parametrize("name", RESULT_FILES)
+def test_commands_run_from_a_clean_checkout(name):
+    """No input outside the repository (/tmp), a script that exists, and `--out` writing this file.
+    A `--samples-cache` path is no input: finetune_digits makes the cache when it is not there."""
+    result = _load(name)
+    for command in _commands(result):
+        words = command.split()
+        if "--samples-cache" in words:
+            del words[words.index("--samples-cache") : words.index("--samples-cache") + 2]
+        assert "/tmp" not in " ".join(words), f"{name}: {command!r} names a /tmp path a clean checkout lacks"
+        module = re.match(r"python -m ([\w.]+)", command)
+        assert module and (ROOT / (module.group(1).replace(".", "/") + ".py")).is_file(), command
+    command = result.get("command") or result.get("environment", {}).get("command")
+    if command and "--out" in command.split():
+        out = command.split()[command.split().index("--out") + 1]
+        stem = f"benchmarks/results/{Path(name).stem}"
+        assert out in (stem, stem + ".json", "benchmarks/results"), f"{name}: --out {out} writes another file"
+
+
+@pytest.mark.parametrize("stem", sorted(RENDERED))
+def test_markdown_is_the_json_rendered_plus_the_hand_written_section(stem):
+    from benchmarks.digits_erase import handwritten_section
+
+    to_markdown = importlib.import_module(RENDERED[stem]).to_markdown
+    md = RESULTS / f"{stem}.md"
+    assert md.read_text() == to_markdown(_load(f"{stem}.json")) + handwritten_section(md)
+
+
+def test_a_merged_attack_result_records_the_single_run_that_reproduces_it():
+    """`attack_digits --merge` assembles rows other runs wrote to scratch files; its `command` is the
+    one run of the same settings over those rows, and the parts lose their scratch `--out`."""
+    from benchmarks.attack_digits import drop_option, reproducing_args
+
+    given = "--steps 600 --set upper_every=3 --out benchmarks/results/attack-digits --rows --merge /tmp/a.json".split()
+    rows = {"distill": {}, "teacher": {}}
+    args = reproducing_args(given, rows, {"int8": {"row": "distill"}})
+    assert args == "--steps 600 --set upper_every=3 --out benchmarks/results/attack-digits".split() + [
+        "--rows",
+        "teacher",
+        "distill",
+        "--int8",
+        "distill",
+    ]
+    assert reproducing_args(["--steps", "3", "--rows", "teacher"], rows, {}) == ["--steps", "3", "--rows", "teacher"]
+    assert drop_option("--out /tmp/x --rows a b".split(), "--out") == ["--rows", "a", "b"]
