@@ -16,9 +16,11 @@ The gate fails closed: a metric the baseline has and the report lacks, or report
 erase different concepts are not comparable and fail too.
 
 Shares are counted in images, so a points tolerance finer than one image cannot be resolved: it
-would silently mean "no change at all". With n the smaller image count of report and baseline
-(`leakage_n`, `retain_n`, `<attack>_n`), an explicit leakage_points / retain_points below 100/n
-is refused (ConfigError, exit 2); the defaults are 2 / 3 points or one image, whichever is larger.
+would silently mean "no change at all". With n the baseline's image count (`leakage_n`,
+`retain_n`, `<attack>_n`), an explicit leakage_points / retain_points below 100/n is refused
+(ConfigError, exit 2); the defaults are 2 / 3 points or one image, whichever is larger. A report
+that judged fewer images than its baseline (or gives no count where the baseline does) fails
+(`FEWER IMAGES`): a smaller sample would otherwise widen its own gate.
 Latency is compared only when both reports come from the same machine (CPU model and core count
 in `report["machine"]`); on another machine its rows say "other machine" and do not fail, since a
 ratio to another computer's speed measures the computer, not the change.
@@ -115,9 +117,13 @@ def _check(metric: str, baseline: float | None, current: float | None, limit: fl
 
 
 def _share_check(metric: str, base: float, now: float | None, counts: tuple, tol: Tolerances, name: str, more: str):
-    """A share of images against the baseline, with the tolerance `name` resolved at the smaller
-    image count of the two reports (`counts`; None where a report predates the counts)."""
-    n = min((int(c) for c in counts if c), default=None)
+    """A share of images against the baseline, with the tolerance `name` resolved at the baseline's
+    image count (`counts` = (baseline n, report n); None where a report predates the counts). A
+    report that judged fewer images than its baseline fails: fewer images would widen the gate."""
+    base_n, now_n = (int(c) if c else None for c in counts)
+    if base_n and now is not None and not (now_n and now_n >= base_n):
+        return Regression(metric, base, now, None, f"FEWER IMAGES ({now_n or 'no count'} < {base_n})")
+    n = base_n or now_n
     one_image = 100 / n if n else 0.0
     points = getattr(tol, name)
     if points is None:
@@ -198,7 +204,7 @@ def check_all(
             b, c = base.get(field), current.get(key, {}).get(field)
             if b is None:
                 continue
-            if section == "latency" and not same_machine and c is not None:  # a missing row still fails
+            if section == "latency" and not same_machine and c is not None and not _is_nan(c):  # missing/NaN fail
                 rows.append(Regression(f"{section} {key}", b, c, None, "other machine"))
             else:
                 limit = max(b * ratio, b + tol.latency_ms) if section == "latency" else b * ratio

@@ -404,14 +404,13 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
 
 
 @pytest.mark.parametrize("label, rate", [("7", 1.0), ("3", 0.0)])
-def test_every_attack_figure_is_the_judges_share(tiny_sd_dir, tiny_pipe, tmp_path, label, rate):
+def test_every_attack_figure_is_the_judges_share(tiny_sd_dir, tiny_pipe, tmp_path, label, rate, monkeypatch):
     """A judge that calls every image `label`: each attack's success and the plain rate, on every
     stage and through the export, are exactly 1 (label 7) or 0 (another label), never a constant."""
-    from benchmarks.leakage import judge_names, register_judge
+    from benchmarks import leakage
     from toolchain.stages.benchmark import _attack_stages
 
-    if "test-constant" not in judge_names():
-        register_judge("test-constant")(ConstantJudge)
+    monkeypatch.setitem(leakage._JUDGES, "test-constant", ConstantJudge)  # registered for this test only
     chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
     evaluation = {**evaluation, "judge": "test-constant", "options": {"label": label}}
     stages = [{"name": a.stage} for a in chain]

@@ -93,6 +93,13 @@ CASES = {
         lambda m, t: {"args": ["finetune.enabled=true", "finetune.mode=bilevel"]},
         "erase",
     ),
+    "retain image folder missing (found late, in the finetune stage)": (
+        lambda m, t: {
+            "out": t / "new" / "nested" / "out",  # the folders made for --out go again too
+            "args": ["finetune.enabled=true", "finetune.mode=distill", f"finetune.retain_data={t / 'none'}"],
+        },
+        "no such directory",
+    ),
     "unknown from-stage": (
         lambda m, t: {"args": ["--from-stage", "quantize"]},
         "--from-stage quantize: not in this plan",
@@ -149,10 +156,9 @@ def _user_folder(tmp: Path) -> Path:
     return out
 
 
-def _snapshot(folder: Path) -> dict[str, bytes] | None:
-    if not folder.exists():
-        return None
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -162,7 +168,7 @@ def test_bad_input_is_one_line_exit_2_nothing_new_on_disk(case, tiny_sd_copy, tm
     model = given.get("model", tiny_sd_copy)
     out = Path(given.get("out", tmp_path / "out"))
     model_before = art.hash_folder(tiny_sd_copy)
-    out_before = _snapshot(out)
+    before = _snapshot(tmp_path)  # the model copy, --out and everything the case made
     argv = ["--target", given.get("target", "onnx"), "--model", str(model), "--recipe", given.get("recipe", "tiny")]
     code = main([*argv, "--out", str(out), "--no-progress", "-q", *given.get("args", [])])
     err = capsys.readouterr().err.strip()
@@ -170,7 +176,7 @@ def test_bad_input_is_one_line_exit_2_nothing_new_on_disk(case, tiny_sd_copy, tm
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("compress: error: ")
     assert art.hash_folder(tiny_sd_copy) == model_before, "the model must not change"
-    assert _snapshot(out) == out_before, "nothing new in --out"
+    assert _snapshot(tmp_path) == before, "nothing new on disk, in --out or anywhere else"
 
 
 def test_at_least_25_kinds():

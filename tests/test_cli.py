@@ -122,7 +122,7 @@ def test_unwritable_out_by_permission(tiny_sd_dir, tmp_path, capsys):
 
 def test_second_writer_is_refused(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    RunFolder(out, existed=False).create()
+    RunFolder(out).create()
     with RunLock(out):
         assert run(tiny_sd_dir, out) == 2
     assert "another compress run" in capsys.readouterr().err
@@ -261,9 +261,34 @@ def test_run_folder_carries_the_marker(finished_run):
 def test_diverged_training_exits_3_in_one_line(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = run(
-        tiny_sd_dir, out, "finetune.enabled=true", "finetune.mode=distill", "finetune.steps=4", "finetune.max_loss=1e-9"
+        tiny_sd_dir,
+        out,
+        "finetune.enabled=true",
+        "finetune.mode=distill",
+        "finetune.steps=4",
+        "finetune.max_loss=1e-9",
+        "finetune.samples_per_prompt=1",
+        "finetune.sample_steps=2",
     )
     err = capsys.readouterr().err.strip()
     assert code == 3, err
     assert err.startswith("compress: training diverged: ") and len(err.splitlines()) == 1 and "Traceback" not in err
     assert (out / "01-prune" / art.MANIFEST).is_file(), "stages sealed before the divergence are kept"
+
+
+def test_files_are_hard_linked_only_within_one_run_folder(tmp_path):
+    """Sealed artifacts of one run share files; another run's files and the input are copied."""
+    from toolchain.models.io import link_or_copy
+
+    for name in ("run-a", "run-b"):
+        RunFolder(tmp_path / name).create()
+    source = tmp_path / "run-a" / "01-prune" / "weights.bin"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    link_or_copy(source, tmp_path / "run-a" / "02-finetune" / "weights.bin")
+    link_or_copy(source, tmp_path / "run-b" / "01-prune" / "weights.bin")
+    link_or_copy(source, tmp_path / "elsewhere" / "weights.bin")
+    inode = source.stat().st_ino
+    assert (tmp_path / "run-a" / "02-finetune" / "weights.bin").stat().st_ino == inode
+    assert (tmp_path / "run-b" / "01-prune" / "weights.bin").stat().st_ino != inode
+    assert (tmp_path / "elsewhere" / "weights.bin").read_bytes() == b"weights"

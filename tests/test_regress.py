@@ -122,7 +122,7 @@ def test_benchmark_stage_entry_carries_counts_beside_every_share():
 def test_gate_fails_on_an_empty_report():
     baseline = json.loads(BASELINE.read_text())
     failed = _failed({}, baseline)
-    assert failed and set(failed.values()) == {"MISSING"}
+    assert failed and set(failed.values()) == {"MISSING", "DIFFERS"} and failed["model erase"] == "DIFFERS"
     assert "retain_accuracy export" in failed and "size_bytes finetune" in failed
     assert any(m.startswith("latency ") for m in failed) and any(m.startswith("parity ") for m in failed)
 
@@ -191,6 +191,26 @@ def test_default_share_tolerance_is_one_image_at_small_samples():
     assert _failed(report, baseline) == {"retain_accuracy quantize": "REGRESSION"}
 
 
+def test_fewer_images_than_the_baseline_fail_and_do_not_widen_the_gate():
+    """Half the leakage images at 50% leakage would pass a tolerance of one (now larger) image."""
+    baseline = _erase_report()
+    report = copy.deepcopy(baseline)
+    export = report["stages"][2]
+    export.update(leakage={"7": 0.5}, leakage_n={"7": 2}, retain_accuracy=0.5, retain_n=2)
+    failed = _failed(report, baseline)
+    assert failed["leakage export/7"].startswith("FEWER IMAGES (2 < 14)")
+    assert failed["retain_accuracy export"].startswith("FEWER IMAGES (2 < 126)")
+    del report["stages"][3]["leakage_n"]  # a report without counts against a baseline with them
+    assert _failed(report, baseline)["leakage quantize/7"].startswith("FEWER IMAGES (no count < 14)")
+    nan_latency = {"runtime": "onnxruntime", "stage": "export", "component": "unet", "median_ms": 1.0}
+    baseline["latency"] = [nan_latency]
+    current = {**copy.deepcopy(baseline), "latency": [{**nan_latency, "median_ms": float("nan")}]}
+    current["machine"] = {"cpu": "another"}
+    assert any(v == "NaN" for k, v in _failed(current, baseline).items() if k.startswith("latency")), (
+        "NaN fails anywhere"
+    )
+
+
 def test_tolerance_finer_than_one_image_is_refused():
     baseline = _erase_report()
     with pytest.raises(ConfigError) as error:
@@ -203,10 +223,11 @@ def test_tolerance_finer_than_one_image_is_refused():
     assert compare(_erase_report(), baseline, Tolerances(leakage_points=16.7)) == []
     with pytest.raises(ConfigError, match=r"retain_points=0\.5 is below one image \(0\.8 points at 126 images"):
         compare(_erase_report(), baseline, Tolerances(retain_points=0.5))
-    report = _erase_report()  # the smaller sample of the two decides
+    report = _erase_report()  # the baseline's sample decides; a smaller one in the report fails
     report["stages"][0]["leakage_n"]["7"] = 7
-    with pytest.raises(ConfigError, match=r"14\.3 points at 7 images, leakage source/7"):
-        compare(report, baseline, Tolerances(leakage_points=7.2))
+    assert _failed(report, baseline, tolerances=Tolerances(leakage_points=16.7)) == {
+        "leakage source/7": "FEWER IMAGES (7 < 14)"
+    }
 
 
 # --------------------------------------------------------------------------- the CLI gate

@@ -187,8 +187,8 @@ def _seal_source(model: Path, run: RunFolder) -> art.Artifact:
         metrics={"params": component_params(model), "size_bytes": art.folder_size(model)},
         versions=library_versions(),
     )
+    run.record(folder.name)  # before the rename: a crash between the two leaves nothing unrecorded
     sealed = art.seal(source, folder)
-    run.record(folder.name)
     run.forget(partial.name)
     return sealed
 
@@ -271,7 +271,7 @@ def run(
         followers.send(None)  # no finetune ran (or it failed before): release the others
 
 
-REPORT_FILES = ("report.json", "report.md", "latency.png", "quality.png", "samples.png")
+REPORT_FILES = ("report.json", "report.md", "latency.png", "quality.png", "samples.png", "attack.png")
 
 
 def _run_main(
@@ -289,12 +289,16 @@ def _run_main(
         raise ConfigError(f"--from-stage {from_stage}: not in this plan; choose one of {names}")
     check_pipeline_folder(model)
     check_out_dir(out, model)
-    existed = out.exists()
+    first_made = None  # the topmost folder made for --out, removed again on bad input
+    for parent in (out, *out.parents):
+        if parent.exists():
+            break
+        first_made = parent
     out.mkdir(parents=True, exist_ok=True)
     folder = None
     try:
         with RunLock(out):
-            folder = RunFolder(out, existed)
+            folder = RunFolder(out, first_made)
             folder.create()
             return _run_chain(cfg, model, folder, stages, force, from_stage, progress, followers)
     except (ConfigError, ModelError):
@@ -379,8 +383,8 @@ def _run_stage(
     result.versions = library_versions()
     result.metrics["wall_s"] = round(time.perf_counter() - start, 3)
     marker.unlink()
+    folder.record(final.name)  # before the rename: a crash between the two leaves nothing unrecorded
     sealed = art.seal(result, final)
-    folder.record(final.name)
     folder.forget(partial.name)
     return sealed, True
 
@@ -392,19 +396,19 @@ def _deploy(cfg: RunConfig, folder: RunFolder, chain: list[art.Artifact]) -> Non
     report = next(a for a in reversed(chain) if a.stage == "benchmark")
     deploy = out / "deploy" / cfg.target
     staging = out / "deploy" / (cfg.target + art.PARTIAL_SUFFIX)
-    folder.record("deploy", str(staging.relative_to(out)))
-    folder.remove(str(staging.relative_to(out)))
+    folder.record("deploy", staging.relative_to(out).as_posix())
+    folder.remove(staging.relative_to(out).as_posix())
     link_or_copy_tree(exported.path, staging)
     (staging / art.MANIFEST).unlink()
     plots = json.loads((report.path / "report.json").read_text()).get("plots", [])
     names = ["report.json", "report.md", *plots]
     for name in names:
         shutil.copy2(report.path / name, staging / name)
-    folder.remove(str(deploy.relative_to(out)))
+    folder.remove(deploy.relative_to(out).as_posix())
+    files = [(deploy / p.relative_to(staging)).relative_to(out).as_posix() for p in staging.rglob("*") if p.is_file()]
+    folder.record(deploy.relative_to(out).as_posix(), *files)  # before the rename, as for stages
     os.replace(staging, deploy)
-    files = [str(p.relative_to(out)) for p in deploy.rglob("*") if not p.is_dir()]
-    folder.record(str(deploy.relative_to(out)), *files)
-    folder.forget(str(staging.relative_to(out)))
+    folder.forget(staging.relative_to(out).as_posix())
     for name in names:
         tmp = out / (name + ".tmp")
         shutil.copy2(report.path / name, tmp)

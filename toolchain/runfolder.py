@@ -36,7 +36,7 @@ def check_out_dir(out: Path, model: Path) -> None:
         raise ConfigError(f"--out {out}: {probe} is a file, not a folder; pick another --out")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: {probe} is not writable; pick a folder you can write to")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (out / MARKER).is_file():
         raise ConfigError(
             f"--out {out}: not empty and not a compress run folder (no {MARKER}); pick a new or empty folder, "
             "or one an earlier `compress` wrote"
@@ -49,9 +49,9 @@ class RunFolder:
     Only process 0 of a run writes it, under the run lock.
     """
 
-    def __init__(self, root: Path, existed: bool = True):
+    def __init__(self, root: Path, first_made: Path | None = None):
         self.root = root
-        self.existed = existed  # the folder was there before this invocation
+        self.first_made = first_made  # the topmost folder this invocation made for `root`, if any
         self.file = root / MARKER
         data = json.loads(self.file.read_text()) if self.file.is_file() else {}
         self.created: set[str] = set(data.get("created", []))
@@ -79,18 +79,18 @@ class RunFolder:
         self.record()
 
     def owns(self, rel: str) -> bool:
-        """True when compress created `rel`; a deploy folder also needs every file in it recorded,
-        since users open it and may add their own files."""
+        """True when compress created `rel`; a deliverable folder (`deploy/<target>`) also needs every
+        file in it recorded, since users open it and may add their own files."""
         path = self.root / rel
         if rel not in self.created:
             return False
-        if (rel == "deploy" or rel.startswith("deploy/")) and not rel.endswith(PARTIAL_SUFFIX) and path.is_dir():
+        if rel.startswith("deploy/") and not rel.endswith(PARTIAL_SUFFIX) and path.is_dir():
             return self._all_recorded(path)
         return True
 
     def _all_recorded(self, path: Path) -> bool:
         for child in path.iterdir():
-            rel = str(child.relative_to(self.root))
+            rel = child.relative_to(self.root).as_posix()
             if rel in self.created and rel.endswith(PARTIAL_SUFFIX):
                 continue  # a staging folder of compress's own
             if not (self._all_recorded(child) if child.is_dir() else rel in self.created):
@@ -111,7 +111,7 @@ class RunFolder:
         if not path.exists() or not self.owns(rel):
             return
         if path.is_dir():
-            files = [str(p.relative_to(self.root)) for p in path.rglob("*") if not p.is_dir()]
+            files = [p.relative_to(self.root).as_posix() for p in path.rglob("*") if not p.is_dir()]
             shutil.rmtree(path)
             self.created.difference_update(files)
         else:
@@ -128,8 +128,14 @@ class RunFolder:
             return
         for name in (LOCK, MARKER):
             (self.root / name).unlink(missing_ok=True)
-        if not self.existed:
-            self.root.rmdir()
+        if self.first_made is None:
+            return
+        folder = self.root
+        while True:  # the folders `mkdir(parents=True)` made for --out, innermost first
+            folder.rmdir()
+            if folder == self.first_made:
+                break
+            folder = folder.parent
 
 
 class RunLock:

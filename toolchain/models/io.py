@@ -316,17 +316,20 @@ def clone_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def inside_run_folder(path: Path) -> bool:
-    return any((parent / RUN_MARKER).is_file() for parent in path.resolve().parents)
+def run_folder_of(path: Path) -> Path | None:
+    """The compress run folder holding `path` (the nearest folder with the runner's marker)."""
+    return next((p for p in path.resolve().parents if (p / RUN_MARKER).is_file()), None)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Share a file between artifacts. Files of compress's own run folders are hard-linked: sealed
+    """Share a file between artifacts. Within one run folder files are hard-linked: its sealed
     artifacts are never written again, so sharing them is safe and free. Anything else — the
-    user's input model above all — is cloned or copied, so that no edit of a run's file can ever
-    reach the input (a hard link would share its bytes). Cost measured on the SD-1.5 architecture:
-    the first stage after the source copies the components it does not rewrite, once per run."""
-    if not inside_run_folder(src):
+    user's input model above all, or another run's artifact — is cloned or copied, so that no edit
+    of a run's file can ever reach it (a hard link would share its bytes). Cost measured on the
+    SD-1.5 architecture: the first stage after the source copies the components it does not
+    rewrite, once per run (benchmarks/results/run-disk-sd15.md)."""
+    own = run_folder_of(src)
+    if own is None or own != run_folder_of(dst):
         clone_or_copy(src, dst)
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
