@@ -10,8 +10,8 @@ from toolchain.config import (
     load_concept,
     load_config,
     parse_override,
-    validate_file,
 )
+from toolchain.validate import validate_file
 
 SHIPPED = sorted(CONFIG_DIR.glob("*/*.yaml"))
 

@@ -631,7 +631,7 @@ def test_committed_finetune_results_render_from_their_json(name):
     args = result["command"].split()
     assert args[:3] == ["python", "-m", "benchmarks.finetune_digits"]
     assert all(args[i - 1] == "--samples-cache" for i, arg in enumerate(args) if arg.startswith("/tmp"))
-    assert set(result["rows"]) <= {*ROWS, "bilevel-sfd"}  # bilevel-sfd: `override`'s former name
+    assert set(result["rows"]) <= set(ROWS)
 
 
 def _digits_erasure(prune_ratio: float, samples_per_prompt: int, n_per_prompt: int, with_teacher=True, **settings):

@@ -367,8 +367,8 @@ def test_prune_stage_bk_on_a_two_level_unet_says_what_it_needs(tiny_pipe_dir, tm
 def test_concept_prune_stage(tiny_pipe_dir, tmp_path):
     from safetensors.torch import load_file
 
+    from toolchain.models.io import component_params
     from toolchain.stages import concept_prune as stage
-    from toolchain.stages.benchmark import component_params
 
     cfg = ConceptPruneConfig(enabled=True, skill_ratio=0.05, timesteps=2, steps=4)
     result = stage.run(

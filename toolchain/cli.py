@@ -152,7 +152,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(argv: list[str]) -> int:
-    from toolchain.config import validate_file
+    from toolchain.validate import validate_file
 
     args = _validate_parser().parse_args(argv)
     for path in args.files:

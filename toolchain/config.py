@@ -705,28 +705,6 @@ def load_config(
     return cfg, {"recipe": str(recipe_path), "target_profile": str(profile_path), "overrides": list(overrides)}
 
 
-def validate_file(path: Path) -> str:
-    """Validate a recipe, target profile or concept file by its folder; returns its kind."""
-    data = read_yaml(path)
-    kind = path.parent.name
-    if kind == "recipes":
-        cfg = from_dict(RunConfig, data)
-        for name in cfg.erase:
-            load_concept(name)
-    elif kind == "targets":
-        from_dict(RunConfig, deep_merge({"target": path.stem}, data))
-    elif kind == "concepts":
-        from_dict(ConceptConfig, data, path.stem)
-    elif kind == "devices":
-        from toolchain.device_config import load_device_profile
-
-        load_device_profile(str(path))
-    else:
-        from_dict(RunConfig, data)
-        kind = "recipes"
-    return kind
-
-
 # ----------------------------------------------------------------------------------------------
 # Concepts
 

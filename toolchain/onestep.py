@@ -443,8 +443,7 @@ def run_sfd(source, cfg: FinetuneConfig, ctx):
     from accelerate import PartialState
 
     from toolchain.artifact import Artifact, folder_size
-    from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, load_unet, save_unet
-    from toolchain.stages.benchmark import component_params
+    from toolchain.models.io import PRUNING_RECORD, component_params, link_pipeline, load_pipeline, load_unet, save_unet
     from toolchain.stages.finetune import check_config, retain_prompt_list
 
     concepts = check_config(cfg, list(ctx.config.erase))

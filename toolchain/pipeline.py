@@ -172,7 +172,7 @@ def _seal_source(model: Path, run: RunFolder) -> art.Artifact:
         sealed = art.load(folder)
         if sealed.fingerprint == digest and sealed.model_path == model:
             return sealed
-    from toolchain.stages.benchmark import component_params
+    from toolchain.models.io import component_params
 
     partial = out / ("00-source" + art.PARTIAL_SUFFIX)
     run.remove(partial.name)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from toolchain.errors import ModelError  # noqa: F401  (re-exported: callers catch it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +25,6 @@ WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 PRUNING_RECORD = "pruning_record.json"
 RUN_MARKER = ".compress-run"  # written by the runner into every run folder (toolchain/runfolder.py)
 FICLONE = 0x40049409  # Linux ioctl: reflink (copy-on-write clone) of a whole file
-
-
-class ModelError(ValueError):
-    """The model folder cannot be used; the message says what to pass instead."""
 
 
 def resolve_model(model: str | None) -> Path:
@@ -166,12 +165,18 @@ def check_components(path: Path) -> None:
     _check_scheduler(path / "scheduler" / "scheduler_config.json")
 
 
-def _check_weight_shapes(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    found: dict[str, tuple[int, ...]] = {}
+def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the safetensors files of `folder`, read from their headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with open(file, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        found.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _check_weight_shapes(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    found = safetensors_shapes(folder)
     missing = sorted(set(expected) - set(found))
     if missing:
         raise ModelError(
@@ -346,6 +351,31 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
         else:
             link_or_copy(item, target)
+
+
+def component_params(folder: Path) -> dict[str, int]:
+    """Parameter count per component from safetensors or ONNX initializer headers."""
+    counts = {}
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        total = sum(math.prod(shape) for shape in safetensors_shapes(component).values())
+        for file in component.glob("*.onnx"):
+            total += _onnx_params(file)
+        if total:
+            counts[component.name] = total
+    return counts
+
+
+def _onnx_params(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        n = 1
+        for dim in init.dims:
+            n *= dim
+        total += n if n > 1 else 0  # scalars are constants of the graph, not parameters
+    return total
 
 
 def link_pipeline(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:

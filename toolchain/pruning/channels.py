@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolchain.models.rebuild import sync_diffusers_attributes  # re-exported: pruning syncs after each step
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,46 +48,6 @@ IMPORTANCES: dict[str, Callable[[], Any]] = {
     "taylor": _taylor_importance,
     "random": _random_importance,
 }
-
-
-def sync_diffusers_attributes(unet: nn.Module, attention_heads: dict[str, int] | None = None) -> None:
-    """Make the plain attributes that diffusers' forward reads agree with the (pruned) layers.
-
-    torch-pruning shrinks weights and Conv/Linear/Norm attributes, but diffusers also keeps
-    widths of its own: Downsample2D/Upsample2D assert `x.shape[1] == self.channels`, and the
-    attention processors reshape by `attn.heads`. `attention_heads` maps Attention module names
-    to head counts; without it the head count is derived from the unchanged head_dim
-    (`inner_dim // heads` still holds the pre-pruning values, or the values of a previous sync).
-    """
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.upsampling import Upsample2D
-
-    for name, module in unet.named_modules():
-        if isinstance(module, (Downsample2D, Upsample2D)) and isinstance(getattr(module, "conv", None), nn.Conv2d):
-            module.channels = module.conv.in_channels
-            module.out_channels = module.conv.out_channels
-        elif isinstance(module, ResnetBlock2D):
-            module.in_channels = module.conv1.in_channels
-            module.out_channels = module.conv2.out_channels
-        elif isinstance(module, Attention):
-            kv_proj = module.to_k if module.to_k is not None else module.to_q
-            if attention_heads is not None:
-                heads = attention_heads[name]
-            else:
-                heads = module.to_q.out_features // (module.inner_dim // module.heads)
-            if heads < 1 or module.to_q.out_features % heads or kv_proj.out_features % heads:
-                raise ValueError(
-                    f"{name}: {heads} heads do not divide to_q width {module.to_q.out_features} "
-                    f"and to_k width {kv_proj.out_features}; the pruning record is inconsistent"
-                )
-            module.heads = module.sliceable_head_dim = heads
-            module.inner_dim = module.to_q.out_features
-            module.inner_kv_dim = kv_proj.out_features
-            module.query_dim = module.to_q.in_features
-            module.cross_attention_dim = kv_proj.in_features
-            module.out_dim = module.to_out[0].out_features
 
 
 def default_example_inputs(unet: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,47 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 from toolchain.artifact import Artifact
 from toolchain.config import BenchmarkConfig, load_concept
 
 logger = logging.getLogger(__name__)
 JUDGE_FILE = "judge.json"  # a model folder may name the judge that scores its images
-
-
-def component_params(folder: Path) -> dict[str, int]:
-    """Parameter count per component from safetensors or ONNX initializer headers."""
-    counts = {}
-    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
-        total = 0
-        for file in component.glob("*.safetensors"):
-            with open(file, "rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            for key, value in header.items():
-                if key != "__metadata__":
-                    n = 1
-                    for dim in value["shape"]:
-                        n *= dim
-                    total += n
-        for file in component.glob("*.onnx"):
-            total += _onnx_params(file)
-        if total:
-            counts[component.name] = total
-    return counts
-
-
-def _onnx_params(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for init in model.graph.initializer:
-        n = 1
-        for dim in init.dims:
-            n *= dim
-        total += n if n > 1 else 0  # scalars are constants of the graph, not parameters
-    return total
 
 
 RUNTIMES = {"diffusers": "torch", "onnx": "onnxruntime", "ort": "ort", "coreml": "coreml"}  # artifact kind -> runtime

@@ -27,8 +27,8 @@ SUMMARY_FILE = "concept_prune.json"
 def run(source: Artifact, cfg: ConceptPruneConfig, ctx) -> Artifact:
     from safetensors.torch import save_file
 
+    from toolchain.models.io import component_params
     from toolchain.pruning.concept_neurons import concept_prune, masks_to_tensors
-    from toolchain.stages.benchmark import component_params
 
     if not ctx.config.erase:
         raise ValueError("concept_prune needs at least one concept to erase; pass --erase CONCEPT")

@@ -938,7 +938,7 @@ def train(
 def run(source: Artifact, cfg: FinetuneConfig, ctx) -> Artifact | None:
     """The stage; in a multi-process launch every process trains and the main one returns the
     artifact (the others None)."""
-    from toolchain.stages.benchmark import component_params
+    from toolchain.models.io import component_params
 
     if cfg.mode == "sfd":  # Score Forgetting Distillation to a k-step generator: its own loop
         from toolchain.onestep import run_sfd

@@ -53,7 +53,7 @@ def _taylor_calibration(source: Artifact, cfg: PruneConfig) -> dict:
 
 
 def run(source: Artifact, cfg: PruneConfig, ctx) -> Artifact:
-    from toolchain.stages.benchmark import component_params
+    from toolchain.models.io import component_params
 
     unet = load_unet(source.files / "unet")
     if cfg.method == "channels":
