@@ -112,7 +112,7 @@ def ort_component(
     """Create a session for one component and run it once on example inputs; returns the provider."""
     import onnxruntime  # noqa: F401
 
-    from benchmarks.latency import component_inputs, ort_feed, ort_session
+    from toolchain.runtime.ort import component_inputs, ort_feed, ort_session
 
     inputs = component_inputs(Path(pipeline_dir), component, batch, seed)
     mark_runtime()
@@ -129,7 +129,7 @@ def ort_image(
     import onnxruntime  # noqa: F401
     import transformers  # noqa: F401
 
-    from benchmarks.latency import OrtPipeline
+    from toolchain.runtime.ort import OrtPipeline
 
     mark_runtime()
     pipe = OrtPipeline(Path(folder), files, providers, threads)

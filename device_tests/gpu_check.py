@@ -317,8 +317,9 @@ def fp16_figure(check: Check, artifact) -> dict:
     import numpy as np
     import torch
 
-    from benchmarks.latency import component_inputs, torch_unet_latency
+    from benchmarks.latency import torch_unet_latency
     from toolchain.models.io import load_unet
+    from toolchain.runtime.ort import component_inputs
 
     unet = load_unet(artifact.files / "unet").to(torch.float16)
     inputs = component_inputs(artifact.files, "unet", 2)

@@ -45,7 +45,7 @@ def pushed(run_dir, tmp_path_factory):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from benchmarks.latency import component_inputs, ort_feed
+    from toolchain.runtime.ort import component_inputs, ort_feed
 
     folder = run_dir / "deploy" / "ort"
     models = sorted(folder.glob("*/model.ort"))

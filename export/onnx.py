@@ -64,7 +64,7 @@ PSNR_FLOOR_DB = 35.0
 # protobuf refuses messages of 2 GiB and more; leave 128 MiB for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 EXTERNAL_DATA_NAME = "model.onnx_data"
-# A k-step generator's sampling schedule (toolchain.onestep.SCHEDULE_FILE, finetune.mode=sfd): it
+# A k-step generator's sampling schedule (toolchain.runtime.schedule.SCHEDULE_FILE, finetune.mode=sfd): it
 # travels with the UNet so every runner samples the exported model as the generator it is.
 GENERATOR_SCHEDULE = "onestep.json"
 # Traced at batch 2 (one guided image: what every SD runtime feeds the UNet) and checked at

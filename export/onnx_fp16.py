@@ -5,7 +5,7 @@
 Output: the same optimum layout (tokenizer/, scheduler/, configs, model_index.json copied);
 every `<component>/model.onnx` rewritten by `onnxruntime.transformers.float16` with
 keep_io_types=True, so graph inputs and outputs stay float32 and an app (or
-`benchmarks.runner.ort_generator`) feeds the folder exactly like the fp32 one. Half the bytes.
+`toolchain.runtime.ort.ort_generator`) feeds the folder exactly like the fp32 one. Half the bytes.
 
 Ops without an fp16 kernel: ONNX Runtime's CPU provider runs them in fp32 itself (its
 InsertCastTransformer wraps them in Casts at session creation), which this build does for every
@@ -64,9 +64,9 @@ def convert_onnx_folder_fp16(
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from tqdm.auto import tqdm
 
-    from benchmarks.latency import component_inputs
     from export.quantize import onnx_pair_parity
     from export.validate import ParityError
+    from toolchain.runtime.ort import component_inputs
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     available = sorted(p.parent.name for p in src_dir.glob("*/model.onnx"))

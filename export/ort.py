@@ -44,8 +44,8 @@ def convert_to_ort(
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     from tqdm.auto import tqdm
 
-    from benchmarks.latency import component_inputs
     from export.validate import ParityError, psnr
+    from toolchain.runtime.ort import component_inputs
 
     styles = {s.name: s for s in OptimizationStyle}
     if optimization_style not in styles:
@@ -117,7 +117,7 @@ def convert_to_ort(
 
 def _run_both(onnx_path: Path, ort_path: Path, inputs: dict):
     """Outputs of the ONNX and the ORT-format model on the same inputs."""
-    from benchmarks.latency import ort_feed, ort_session
+    from toolchain.runtime.ort import ort_feed, ort_session
 
     outputs = []
     for path in (onnx_path, ort_path):

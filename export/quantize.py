@@ -4,7 +4,7 @@
 
 Output: the same optimum layout as the input (tokenizer/, scheduler/, configs, model_index.json
 copied as they are); the chosen components' `model.onnx` replaced by int8 graphs, the others
-copied unchanged, so the folder loads in `benchmarks.runner.ort_generator` and in optimum's
+copied unchanged, so the folder loads in `toolchain.runtime.ort.ort_generator` and in optimum's
 `ORTStableDiffusionPipeline` like the fp32 one.
 
 Modes (ONNX Runtime's two quantizers):
@@ -100,7 +100,7 @@ def quantize_onnx_folder(
     parity_inputs: per component the feed the int8 graph is compared on. Static mode needs one per
     component that is none of its calibration feeds (for the UNet: `collect_unet_parity_feed`):
     ranges fitted to a feed reproduce that feed best, so parity on it overstates int8's accuracy.
-    Dynamic mode calibrates nothing; its default is `benchmarks.latency.component_inputs` at batch 2.
+    Dynamic mode calibrates nothing; its default is `toolchain.runtime.ort.component_inputs` at batch 2.
 
     Returns::
 
@@ -146,8 +146,8 @@ def quantize_onnx_folder(
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
     from tqdm.auto import tqdm
 
-    from benchmarks.latency import component_inputs
     from export.validate import ParityError
+    from toolchain.runtime.ort import component_inputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in src_dir.iterdir():  # tokenizer, scheduler, configs, untouched components
@@ -270,9 +270,9 @@ def _same_feed(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 def onnx_pair_parity(reference_path: Path, test_path: Path, inputs: dict[str, np.ndarray]) -> tuple[float, float]:
     """(max abs error, lowest PSNR) of `test_path` against `reference_path`, both run in ORT CPU
-    on the same inputs (cast to each graph's declared dtypes by `benchmarks.latency.ort_feed`)."""
-    from benchmarks.latency import ort_feed, ort_session
+    on the same inputs (cast to each graph's declared dtypes by `toolchain.runtime.ort.ort_feed`)."""
     from export.validate import psnr
+    from toolchain.runtime.ort import ort_feed, ort_session
 
     outputs = []
     for path in (reference_path, test_path):
@@ -317,12 +317,12 @@ def collect_unet_calibration(
 ) -> list[dict[str, np.ndarray]]:
     """UNet feeds recorded while the ONNX pipeline in `onnx_dir` draws one image per prompt.
 
-    Every denoising step of `benchmarks.runner.ort_generator` feeds the UNet
+    Every denoising step of `toolchain.runtime.ort.ort_generator` feeds the UNet
     {"sample": (2N, C, h, w), "timestep": () float32, "encoder_hidden_states": (2N, L, D)}
     (unconditional and conditional halves); returns `n` of the `steps` feeds, evenly spaced over
     the trajectory so early (noisy) and late (clean) steps are both represented.
     """
-    from benchmarks.runner import ort_generator
+    from toolchain.runtime.ort import ort_generator
 
     recorded: list[dict[str, np.ndarray]] = []
     generate = ort_generator(

@@ -99,7 +99,7 @@ def phase(component: str, name: str, phases_s: dict[str, float]):
 
     An SD-1.5 UNet spends minutes in a phase with no output of its own; these lines are the
     progress display. `extra` names the phase for callers that attribute time or memory to it
-    (benchmarks/export_sd15.py)."""
+    (benchmarks/studies/export_sd15.py)."""
     logger.info("%s: %s ...", component, name, extra={"phase": name})
     start = time.perf_counter()
     yield

@@ -367,10 +367,11 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
 ):
     """`_attack_stages` (the benchmark stage's attack step): both attacks per PyTorch stage, the
     found prompts rerun on the ONNX export; every figure is what the judge says of the images."""
-    from benchmarks.latency import OrtPipeline
-    from benchmarks.leakage import diffusers_generator, get_judge
+    from benchmarks.leakage import get_judge
     from toolchain.attacks import transfer_rate
     from toolchain.config import RunConfig
+    from toolchain.runtime.ort import OrtPipeline
+    from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.stages.benchmark import _attack_stages
 
     chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)

@@ -23,7 +23,7 @@ def _scores(generate):
 def _distill_only(run_dir, out_dir):
     """The run's finetune stage again on the same pruned student, with unlearning off."""
     from toolchain import artifact as art
-    from toolchain.config import FinetuneConfig, RunConfig
+    from toolchain.config import FinetuneConfig, FinetuneSettings
     from toolchain.pipeline import RunContext
     from toolchain.stages import finetune
 
@@ -32,15 +32,15 @@ def _distill_only(run_dir, out_dir):
     cfg = FinetuneConfig(**{**settings, "mode": "distill"})
     chain = [art.load(run_dir / "00-source"), art.load(run_dir / "01-prune")]
     out_dir.mkdir()
-    ctx = RunContext(run_dir=run_dir, config=RunConfig(erase=["7"]), out_dir=out_dir, chain=chain, progress=False)
-    return finetune.run(chain[-1], cfg, ctx).path
+    ctx = RunContext(run_dir=run_dir, out_dir=out_dir, chain=chain, progress=False)
+    return finetune.run(chain[-1], FinetuneSettings(cfg, ["7"]), ctx).path
 
 
 def test_unlearning_on_a_pruned_student_holds_through_onnx(erased_digits_run, tmp_path):
-    from benchmarks.leakage import diffusers_generator
-    from benchmarks.runner import ort_generator
     from toolchain import artifact as art
     from toolchain.models.io import PRUNING_RECORD, load_pipeline
+    from toolchain.runtime.ort import ort_generator
+    from toolchain.runtime.pytorch import diffusers_generator
 
     start = time.perf_counter()
     pruned, tuned = art.load(erased_digits_run / "01-prune"), art.load(erased_digits_run / "02-finetune")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import export_sd15
+from benchmarks.studies import export_sd15
 
 
 @pytest.fixture

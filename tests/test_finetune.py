@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolchain.config import ConfigError, FinetuneConfig, RunConfig
+from toolchain.config import ConfigError, FinetuneConfig, FinetuneSettings, RunConfig
 
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
@@ -166,7 +166,8 @@ def test_retain_prompts_are_every_other_digit():
 def test_min_snr_weights_epsilon_and_v():
     from diffusers import DDPMScheduler
 
-    from toolchain.stages.finetune import diffusion_target, min_snr_weights
+    from toolchain.runtime.schedule import diffusion_target
+    from toolchain.stages.finetune import min_snr_weights
 
     t = torch.tensor([0, 500, 999])
     eps = DDPMScheduler(prediction_type="epsilon")
@@ -481,16 +482,14 @@ def test_stage_writes_a_pipeline_that_loads(tiny_sd_dir, tmp_path):
     before = art.hash_folder(pruned)
     out = tmp_path / "out.partial"
     out.mkdir()
-    run_cfg = RunConfig(erase=["7"])
     ctx = RunContext(
         run_dir=tmp_path,
-        config=run_cfg,
         out_dir=out,
         chain=[art.Artifact(path=tmp_path / "src", kind="diffusers", model_path=tiny_sd_dir)],
         progress=False,
     )
     cfg = FinetuneConfig(enabled=True, **{**FAST, "samples_per_prompt": 1}, steps=4, upper_every=2)
-    result = finetune.run(art.Artifact(path=pruned, kind="diffusers"), cfg, ctx)
+    result = finetune.run(art.Artifact(path=pruned, kind="diffusers"), FinetuneSettings(cfg, ["7"]), ctx)
     assert art.hash_folder(pruned) == before, "the input must never be modified"
     check_pipeline_folder(out)
     assert not (out / "checkpoints").exists() and (out / "losses.jsonl").is_file()
@@ -622,14 +621,14 @@ def test_committed_finetune_results_render_from_their_json(name):
     """benchmarks/results/NAME.md is NAME.json rendered by the script plus a marked hand-written
     section; the JSON holds only what the script writes, and its command reads nothing under /tmp
     but the teacher-sample cache, which the script makes when it is missing."""
-    from benchmarks.finetune_digits import ROWS, render
+    from benchmarks.studies.finetune_digits import ROWS, render
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     result = json.loads((results / f"{name}.json").read_text())
     assert set(result) <= {"command", "machine", "versions", "settings", "rows", "timing"}, sorted(result)
     assert render(result, results / f"{name}.md") == (results / f"{name}.md").read_text()
     args = result["command"].split()
-    assert args[:3] == ["python", "-m", "benchmarks.finetune_digits"]
+    assert args[:3] == ["python", "-m", "benchmarks.studies.finetune_digits"]
     assert all(args[i - 1] == "--samples-cache" for i, arg in enumerate(args) if arg.startswith("/tmp"))
     assert set(result["rows"]) <= set(ROWS)
 
@@ -639,10 +638,11 @@ def _digits_erasure(prune_ratio: float, samples_per_prompt: int, n_per_prompt: i
     teacher's and the student's ConceptScores on 3 prompts of 7 and 1 prompt per other digit."""
     import tempfile
 
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from benchmarks.leakage import evaluate_concepts, get_judge
     from toolchain.config import load_concept
     from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
     from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     seven = load_concept("7")

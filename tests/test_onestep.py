@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.config import ConfigError, FinetuneConfig
+from toolchain.config import ConfigError, FinetuneConfig, FinetuneSettings
 
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
@@ -134,29 +134,26 @@ def test_training_keeps_the_teacher_and_resumes_to_the_same_weights(tiny, tmp_pa
 def test_stage_exports_and_runs_the_generator_like_any_unet(tiny_sd_dir, tmp_path):
     """finetune.run(mode=sfd) writes a pipeline with onestep.json; the ONNX export carries it, and
     the exported generator in ONNX Runtime draws the images its PyTorch twin draws."""
-    from benchmarks.latency import OrtPipeline
-    from benchmarks.leakage import diffusers_generator
-    from benchmarks.runner import ort_generator
     from export.onnx import export_onnx
     from toolchain import artifact as art
-    from toolchain.config import RunConfig
     from toolchain.models.io import check_pipeline_folder, load_pipeline
-    from toolchain.onestep import SCHEDULE_FILE, read_schedule
     from toolchain.pipeline import RunContext
+    from toolchain.runtime.ort import OrtPipeline, ort_generator
+    from toolchain.runtime.pytorch import diffusers_generator
+    from toolchain.runtime.schedule import SCHEDULE_FILE, read_schedule
     from toolchain.stages import finetune
 
     out = tmp_path / "out.partial"
     out.mkdir()
     ctx = RunContext(
         run_dir=tmp_path,
-        config=RunConfig(erase=["7"]),
         out_dir=out,
         chain=[art.Artifact(path=tmp_path / "src", kind="diffusers", model_path=tiny_sd_dir)],
         progress=False,
     )
     before = art.hash_folder(tiny_sd_dir)
     cfg = FinetuneConfig(enabled=True, **FAST, steps=1, sfd_steps=2)
-    result = finetune.run(art.Artifact(path=tiny_sd_dir, kind="diffusers"), cfg, ctx)
+    result = finetune.run(art.Artifact(path=tiny_sd_dir, kind="diffusers"), FinetuneSettings(cfg, ["7"]), ctx)
     assert art.hash_folder(tiny_sd_dir) == before, "the input must never be modified"
     check_pipeline_folder(out)
     assert not (out / "checkpoints").exists() and not (out / "teacher_samples.safetensors").exists()
@@ -187,7 +184,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from toolchain import artifact as art
-from toolchain.config import FinetuneConfig, RunConfig
+from toolchain.config import FinetuneConfig, FinetuneSettings
 from toolchain.pipeline import RunContext
 from toolchain.stages import finetune
 model, base, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -195,8 +192,8 @@ rank = int(os.environ["RANK"])
 out = base / ("out.partial" if rank == 0 else f"rank{rank}.partial")  # each process's own view of the folder
 out.mkdir()
 chain = [art.Artifact(path=base / "src", kind="diffusers", model_path=model)]
-ctx = RunContext(run_dir=base, config=RunConfig(erase=["7"]), out_dir=out, chain=chain, progress=False)
-result = finetune.run(art.Artifact(path=model, kind="diffusers"), FinetuneConfig(**settings), ctx)
+ctx = RunContext(run_dir=base, out_dir=out, chain=chain, progress=False)
+result = finetune.run(art.Artifact(path=model, kind="diffusers"), FinetuneSettings(FinetuneConfig(**settings), ["7"]), ctx)
 (base / f"returned{rank}.json").write_text(json.dumps(None if result is None else result.records["finetune"]))
 """
 
@@ -210,7 +207,7 @@ def test_sfd_under_two_processes_only_process_0_writes(tiny_sd_dir, tmp_path):
     import sys
 
     from toolchain.models.io import check_pipeline_folder
-    from toolchain.onestep import read_schedule
+    from toolchain.runtime.schedule import read_schedule
 
     (tmp_path / "run.py").write_text(SFD_PROCESS_SCRIPT)
     settings = {**FAST, "enabled": True, "steps": 2, "checkpoint_every": 1}
@@ -236,11 +233,12 @@ def _digits_sfd(steps: int, n_per_prompt: int, prune_ratio: float = 0.0, **setti
     ("before") and of the trained one ("after")."""
     import tempfile
 
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from benchmarks.leakage import evaluate_concepts, get_judge
     from toolchain.config import load_concept
     from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
     from toolchain.onestep import prompt_data, train_onestep
     from toolchain.pruning.channels import prune_unet_channels
+    from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.stages.finetune import retain_prompt_list
 
     seven = load_concept("7")
@@ -268,7 +266,7 @@ def _digits_sfd(steps: int, n_per_prompt: int, prune_ratio: float = 0.0, **setti
 
 def test_sfd_draws_digits_and_lowers_seven_on_digits_short():
     """Short run (G from the unpruned model, which already draws digits in one step; small batches):
-    loose bars, the benchmark (benchmarks/onestep_digits.py) holds the strict ones."""
+    loose bars, the benchmark (benchmarks/studies/onestep_digits.py) holds the strict ones."""
     scores = _digits_sfd(steps=12, n_per_prompt=2, batch_size=4, upper_batch_size=4)
     assert scores["before"].leakage["7"] >= 0.5, scores["before"]
     assert scores["after"].leakage["7"] <= 0.5, scores["after"]

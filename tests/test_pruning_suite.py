@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from toolchain.artifact import Artifact
-from toolchain.config import ConceptPruneConfig, ConfigError, PruneConfig, RunConfig, from_dict
+from toolchain.config import ConceptPruneConfig, ConceptPruneSettings, ConfigError, PruneConfig, from_dict
 from toolchain.models.architectures import MODEL_CONFIG_DIR, build_unet_from_config
 from toolchain.models.io import load_pipeline, load_unet
 from toolchain.pruning import (
@@ -337,9 +337,9 @@ def test_concept_prune_refuses_unpaired_prompts(tiny_pipe_dir):
 # Stages and configs
 
 
-def stage_context(out_dir: Path, **config) -> SimpleNamespace:
+def stage_context(out_dir: Path) -> SimpleNamespace:
     out_dir.mkdir(parents=True)
-    return SimpleNamespace(out_dir=out_dir, config=from_dict(RunConfig, config), progress=False)
+    return SimpleNamespace(out_dir=out_dir, progress=False)
 
 
 def test_prune_stage_taylor_writes_a_rebuildable_unet(tiny_pipe_dir, tmp_path):
@@ -372,7 +372,9 @@ def test_concept_prune_stage(tiny_pipe_dir, tmp_path):
 
     cfg = ConceptPruneConfig(enabled=True, skill_ratio=0.05, timesteps=2, steps=4)
     result = stage.run(
-        Artifact(path=tiny_pipe_dir, kind="diffusers"), cfg, stage_context(tmp_path / "out", erase=["7"])
+        Artifact(path=tiny_pipe_dir, kind="diffusers"),
+        ConceptPruneSettings(cfg, ["7"]),
+        stage_context(tmp_path / "out"),
     )
     masks = load_file(result.path / stage.MASKS_FILE)
     summary = json.loads((result.path / stage.SUMMARY_FILE).read_text())
@@ -417,8 +419,9 @@ def test_importance_choices_match_the_registry():
 
 @pytest.mark.slow
 def test_concept_prune_erases_digit_seven_on_the_digits_model():
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from benchmarks.leakage import evaluate_concepts, get_judge
     from toolchain.config import load_concept
+    from toolchain.runtime.pytorch import diffusers_generator
 
     concept = load_concept("7")
     judge = get_judge(concept.judge)

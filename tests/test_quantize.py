@@ -10,8 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from benchmarks.leakage import diffusers_generator
-from benchmarks.runner import ort_generator
 from export.onnx import export_onnx
 from export.onnx_fp16 import FP16_PSNR_FLOOR_DB, FP16_TOLERANCES, convert_onnx_folder_fp16
 from export.quantize import (
@@ -22,8 +20,10 @@ from export.quantize import (
     quantize_onnx_folder,
 )
 from toolchain.artifact import Artifact
-from toolchain.config import ConfigError, QuantizeConfig
+from toolchain.config import ConfigError, QuantizeConfig, QuantizeSettings
 from toolchain.models.io import load_pipeline
+from toolchain.runtime.ort import ort_generator
+from toolchain.runtime.pytorch import diffusers_generator
 
 PROMPTS = ["a photo", "a cat"]
 STEPS = 4
@@ -147,12 +147,12 @@ def test_stage_gates_static_int8_on_a_held_out_feed(tiny_onnx, tmp_path):
     """The stage's parity row is measured on another seed's trajectory, not on a calibration feed."""
     from toolchain.stages import quantize as stage
 
-    ctx = SimpleNamespace(out_dir=tmp_path / "stage", config=SimpleNamespace(erase=[]), progress=False)
+    ctx = SimpleNamespace(out_dir=tmp_path / "stage", progress=False)
     ctx.out_dir.mkdir()
     cfg = QuantizeConfig(
         enabled=True, calibration_text=PROMPTS, calibration_prompts=2, calibration_steps=STEPS, calibration_feeds=4
     )
-    (row,) = stage.run(Artifact(path=tiny_onnx, kind="onnx"), cfg, ctx).metrics["parity"]
+    (row,) = stage.run(Artifact(path=tiny_onnx, kind="onnx"), QuantizeSettings(cfg, []), ctx).metrics["parity"]
     fp32, int8 = tiny_onnx / "unet" / "model.onnx", ctx.out_dir / "unet" / "model.onnx"
     held_out = onnx_pair_parity(fp32, int8, stage.held_out_feed(tiny_onnx, PROMPTS, cfg))
     calibration = collect_unet_calibration(tiny_onnx, PROMPTS, steps=STEPS, seed=cfg.calibration_seed, n=4)
@@ -211,10 +211,10 @@ def test_config_refuses_bad_values(kwargs, key):
 def test_stage_writes_int8_and_fp16(tiny_onnx, tmp_path):
     from toolchain.stages import quantize as stage
 
-    ctx = SimpleNamespace(out_dir=tmp_path / "stage", config=SimpleNamespace(erase=[]), progress=False)
+    ctx = SimpleNamespace(out_dir=tmp_path / "stage", progress=False)
     ctx.out_dir.mkdir()
     cfg = QuantizeConfig(enabled=True, mode="dynamic", fp16=True)
-    artifact = stage.run(Artifact(path=tiny_onnx, kind="onnx"), cfg, ctx)
+    artifact = stage.run(Artifact(path=tiny_onnx, kind="onnx"), QuantizeSettings(cfg, []), ctx)
     assert artifact.kind == "onnx" and artifact.path == ctx.out_dir
     assert artifact.records["fp16_components"] == ["text_encoder", "vae_decoder"]
     assert artifact.records["int8"]["mode"] == "dynamic"
@@ -233,16 +233,17 @@ def test_stage_gate_error(tiny_onnx, tmp_path):
     from toolchain.pipeline import GateError
     from toolchain.stages import quantize as stage
 
-    ctx = SimpleNamespace(out_dir=tmp_path / "stage", config=SimpleNamespace(erase=[]), progress=False)
+    ctx = SimpleNamespace(out_dir=tmp_path / "stage", progress=False)
     ctx.out_dir.mkdir()
     with pytest.raises(GateError, match="below the floor"):
         stage.run(
             Artifact(path=tiny_onnx, kind="onnx"),
-            QuantizeConfig(enabled=True, mode="dynamic", psnr_floor_db=199.0),
+            QuantizeSettings(QuantizeConfig(enabled=True, mode="dynamic", psnr_floor_db=199.0), []),
             ctx,
         )
     with pytest.raises(GateError, match="were not exported"):
-        stage.run(Artifact(path=tiny_onnx, kind="onnx"), QuantizeConfig(enabled=True, components=["vae_encoder"]), ctx)
+        settings = QuantizeSettings(QuantizeConfig(enabled=True, components=["vae_encoder"]), [])
+        stage.run(Artifact(path=tiny_onnx, kind="onnx"), settings, ctx)
 
 
 # ---------------------------------------------------------------------------------- digits bars

@@ -328,7 +328,7 @@ def concept_inversion(
     """Learn one token embedding v (D_tok,) so the erased `unet` denoises concept `latents` given
     E("<v>") (the prompt is the new token alone); `steps` Adam steps on the epsilon/v loss.
     Returns v and the loss of every step."""
-    from toolchain.stages.finetune import diffusion_target
+    from toolchain.runtime.schedule import diffusion_target
 
     if steps < 0:
         raise ValueError(f"inversion steps={steps}: must be >= 0")
@@ -359,7 +359,7 @@ def concept_inversion(
 
 def generate_from_embeddings(pipe, cond: torch.Tensor, seed: int, steps: int, guidance_scale: float) -> np.ndarray:
     """Images (N, H, W, 3) in [0, 1] from text embeddings cond (N, L, D), "" as the negative, with
-    initial latents drawn as `benchmarks.leakage.diffusers_generator` draws them."""
+    initial latents drawn as `toolchain.runtime.pytorch.diffusers_generator` draws them."""
     pipe.set_progress_bar_config(disable=True)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = pipe.unet.config.sample_size
@@ -467,7 +467,7 @@ def attack_concept(
     """
     from diffusers import DDPMScheduler
 
-    from benchmarks.leakage import diffusers_generator
+    from toolchain.runtime.pytorch import diffusers_generator
 
     start = time.perf_counter()
     chosen = [prompts[i % len(prompts)] for i in range(cfg.n_prompts)]

@@ -178,7 +178,7 @@ def _read_report(path: Path) -> dict:
 def _cmd_bench(argv: list[str]) -> int:
     from benchmarks.regress import Tolerances, check_all, format_table
     from toolchain import artifact as art
-    from toolchain.config import ConfigError, RunConfig, from_dict
+    from toolchain.config import BenchmarkSettings, ConfigError, RunConfig, from_dict
     from toolchain.pipeline import GateError, RunContext
     from toolchain.stages import benchmark
 
@@ -218,15 +218,20 @@ def _cmd_bench(argv: list[str]) -> int:
         if sealed_report is None:
             raise ConfigError(f"{run_dir}: no sealed benchmark stage; run `compress` to the end first")
         sealed = art.load(sealed_report)
-        settings = {k: v for k, v in sealed.config.items() if k not in ("erase", "attack")}
-        sections = {"erase": sealed.config.get("erase", []), "benchmark": settings}
-        cfg = from_dict(RunConfig, {**sections, "attack": sealed.config.get("attack", {})})
+        run_wide = ("erase", "attack", "target", "recipe")
+        section = {k: v for k, v in sealed.config.items() if k not in run_wide}
+        cfg = from_dict(
+            RunConfig,
+            {"erase": sealed.config.get("erase", []), "benchmark": section, "attack": sealed.config.get("attack", {})},
+        )
+        target, recipe = sealed.config.get("target", "onnx"), sealed.config.get("recipe", "")
+        settings = BenchmarkSettings(cfg.benchmark, list(cfg.erase), cfg.attack, target, recipe)
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            ctx = RunContext(run_dir=run_dir, config=cfg, out_dir=Path(tmp), chain=chain, progress=True)
+            ctx = RunContext(run_dir=run_dir, out_dir=Path(tmp), chain=chain, progress=True)
             runtimes = set(args.runtime) if args.runtime else None
-            benchmark.run(chain[-1], cfg.benchmark, ctx, profile=args.profile, runtimes=runtimes)
+            benchmark.run(chain[-1], settings, ctx, profile=args.profile, runtimes=runtimes)
             report = json.loads((Path(tmp) / "report.json").read_text())
             text = json.dumps(report, indent=2) if args.json else (Path(tmp) / "report.md").read_text()
     if baseline is None:

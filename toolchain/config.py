@@ -558,6 +558,39 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# What a stage receives: its section plus exactly the run-wide settings it reads. The runner hashes
+# all of it into the stage's fingerprint (the section's fields first, then the others by name).
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    finetune: FinetuneConfig
+    erase: list[str]
+    data: dict[str, str] | None = None  # content hash of every image folder the stage trains on
+
+
+@dataclass(frozen=True)
+class ConceptPruneSettings:
+    concept_prune: ConceptPruneConfig
+    erase: list[str]
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    quantize: QuantizeConfig
+    erase: list[str]  # their prompts calibrate the int8 UNet and gate its leakage
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    benchmark: BenchmarkConfig
+    erase: list[str]
+    attack: AttackConfig
+    target: str = "onnx"
+    recipe: str = ""  # the recipe's description, shown in the report
+
+
+# ----------------------------------------------------------------------------------------------
 # Building typed configs from plain dicts
 
 

@@ -59,73 +59,16 @@ import torch
 from torch import nn
 
 from toolchain.config import ConfigError, FinetuneConfig
+from toolchain.runtime.schedule import SCHEDULE_FILE, generator_sample, pred_x0, write_schedule
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_FILE = "onestep.json"
 LOSSES_FILE = "losses.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
 # ----------------------------------------------------------------------------------------------
 # The generator: schedule file and sampling (shared by training and every runner)
-
-
-def read_schedule(folder) -> dict | None:
-    """The generator schedule a pipeline folder (diffusers, ONNX, ORT) carries, or None.
-
-    {"timesteps": [625], "prediction_type": "epsilon", "guidance": "distilled", "method": "sfd"}"""
-    if not folder:
-        return None
-    path = Path(folder) / SCHEDULE_FILE
-    if not path.is_file():
-        return None
-    schedule = json.loads(path.read_text())
-    timesteps = schedule.get("timesteps")
-    if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:], strict=False)):
-        raise ValueError(f"{path}: 'timesteps' must be a non-empty, strictly decreasing list, got {timesteps!r}")
-    return schedule
-
-
-def write_schedule(folder: Path, timesteps: list[int], prediction_type: str, **extra) -> dict:
-    schedule = {
-        "timesteps": [int(t) for t in timesteps],
-        "prediction_type": prediction_type,
-        "guidance": "distilled",  # sample without classifier-free guidance: one UNet call per step
-        "method": "sfd",
-        **extra,
-    }
-    (Path(folder) / SCHEDULE_FILE).write_text(json.dumps(schedule, indent=1) + "\n")
-    return schedule
-
-
-def pred_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_type: str) -> torch.Tensor:
-    """x0 estimate from a UNet output at x_t; alpha_bar: ᾱ_t as a float or a (B, 1, 1, 1) tensor."""
-    a = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device)
-    if prediction_type == "epsilon":
-        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
-    if prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * output
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction")
-
-
-def generator_noise(n: int, shape: tuple[int, ...], steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """z (n, *shape) and the re-noising draws (steps − 1, n, *shape) from one CPU generator seeded
-    with `seed`: z first, so z equals the initial latents a multi-step runner draws for the same seed."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    z = torch.randn((n, *shape), generator=g, dtype=torch.float32)
-    return z, torch.randn((steps - 1, n, *shape), generator=g, dtype=torch.float32)
-
-
-def generator_sample(unet_fn, z, noises, emb, timesteps, alphas_cumprod, prediction_type: str) -> torch.Tensor:
-    """x0 latents (B, C, h, w) of the k-step generator. unet_fn(x_t (B, C, h, w), t: int, emb (B, L, D))
-    -> model output; z (B, C, h, w); noises (k − 1, B, C, h, w); alphas_cumprod (T,)."""
-    x0 = torch.zeros_like(z)
-    for i, t in enumerate(timesteps):
-        a = float(alphas_cumprod[int(t)])
-        x_t = math.sqrt(a) * x0 + math.sqrt(1 - a) * (z if i == 0 else noises[i - 1])
-        x0 = pred_x0(unet_fn(x_t, int(t), emb).float(), x_t, a, prediction_type)
-    return x0
 
 
 class FewStepGenerator(nn.Module):
@@ -214,7 +157,7 @@ def guided_output(unet, x_t, t, cond, uncond, scale: float) -> torch.Tensor:
 
 def fake_score_loss(fake, generator, batch, emb, scheduler, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Fake-score loss (weighted sum, scalar) and its per-row values (B,); G gets no gradient."""
-    from toolchain.stages.finetune import diffusion_target
+    from toolchain.runtime.schedule import diffusion_target
 
     pids = torch.where(batch["drop"], torch.zeros_like(batch["pids"]), batch["pids"])
     cond, uncond = emb[pids], emb[torch.zeros_like(pids)]
@@ -435,7 +378,7 @@ def train_onestep(
 # The stage body (called by toolchain.stages.finetune.run for mode=sfd)
 
 
-def run_sfd(source, cfg: FinetuneConfig, ctx):
+def run_sfd(source, cfg: FinetuneConfig, erase: list[str], ctx):
     """finetune.mode=sfd: the student becomes a k-step generator that also forgets `--erase`.
 
     In a multi-process launch every process trains; only the main one writes the artifact (pipeline
@@ -446,7 +389,7 @@ def run_sfd(source, cfg: FinetuneConfig, ctx):
     from toolchain.models.io import PRUNING_RECORD, component_params, link_pipeline, load_pipeline, load_unet, save_unet
     from toolchain.stages.finetune import check_config, retain_prompt_list
 
-    concepts = check_config(cfg, list(ctx.config.erase))
+    concepts = check_config(cfg, erase)
     retain = retain_prompt_list(cfg, concepts)
     forget = [(p, c.anchor_prompt) for c in concepts for p in c.erase_prompts]
     out = ctx.out_dir
@@ -464,7 +407,7 @@ def run_sfd(source, cfg: FinetuneConfig, ctx):
     save_unet(generator, out / "unet", record)
     write_schedule(out, cfg.sfd_schedule, scheduler_config.get("prediction_type", "epsilon"))
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the sealed folder is a pipeline, not a run
-    summary.update(erase=list(ctx.config.erase), retain_prompts=len(retain), forget_prompts=len(forget))
+    summary.update(erase=list(erase), retain_prompts=len(retain), forget_prompts=len(forget))
     logger.info("finetune: sfd done in %.1f s: %s", summary["wall_s"], summary["final"])
     return Artifact(
         path=out,

@@ -31,7 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from toolchain import artifact as art
-from toolchain.config import ConfigError, RunConfig, check_finetune, load_concept, resolve_finetune, to_dict
+from toolchain.config import (
+    BenchmarkSettings,
+    ConceptPruneSettings,
+    ConfigError,
+    FinetuneSettings,
+    QuantizeSettings,
+    RunConfig,
+    check_finetune,
+    load_concept,
+    resolve_finetune,
+    to_dict,
+)
 from toolchain.models.io import ModelError, check_pipeline_folder, link_or_copy_tree
 from toolchain.runfolder import RunFolder, RunLock, check_out_dir
 
@@ -44,10 +55,9 @@ class GateError(RuntimeError):
 
 @dataclass
 class RunContext:
-    """What a stage may know besides its input and its own config."""
+    """What a stage may know besides its input and its typed settings: where it writes, what came before."""
 
     run_dir: Path
-    config: RunConfig
     out_dir: Path  # the stage's `.partial` folder: the only place it writes
     chain: list[art.Artifact]  # sealed artifacts before this stage, source first
     progress: bool = True
@@ -57,38 +67,37 @@ class RunContext:
 class Stage:
     name: str
     version: int  # bump when the stage's output changes for the same input and config
-    section: Callable[[RunConfig], Any]  # the typed config section the stage receives
-    # settings outside the section that also determine the output (hashed into the fingerprint)
-    extra: Callable[[RunConfig], dict[str, Any]] = lambda cfg: {}
+    # everything the stage reads, typed: its config section, or a *Settings bundle of the section and the
+    # run-wide settings it uses; hashed whole into the fingerprint, so nothing it reads goes unhashed
+    settings: Callable[[RunConfig], Any]
 
-    def run(self, source: art.Artifact, cfg: Any, ctx: RunContext) -> art.Artifact:
+    def run(self, source: art.Artifact, settings: Any, ctx: RunContext) -> art.Artifact:
         """`toolchain.stages.<name>.run`, imported only when the stage runs (heavy libraries)."""
-        return importlib.import_module(f"toolchain.stages.{self.name}").run(source, cfg, ctx)
+        return importlib.import_module(f"toolchain.stages.{self.name}").run(source, settings, ctx)
 
 
-def _finetune_data(cfg: RunConfig) -> dict[str, Any]:
-    """The erased concepts and the content of the image folders finetune reads: changed images
-    re-run the stage like changed settings do."""
+def _finetune_settings(cfg: RunConfig) -> FinetuneSettings:
+    """The resolved section, the erased concepts and the content of the image folders finetune reads:
+    changed images re-run the stage like changed settings do."""
     folders = [cfg.finetune.retain_data] if cfg.finetune.enabled and cfg.finetune.retain_data else []
     if cfg.finetune.enabled:
         folders += [c.images for c in map(load_concept, cfg.erase) if c.images]
     data = {f: art.hash_folder(Path(f)) if Path(f).is_dir() else "missing" for f in folders}
-    return {"erase": cfg.erase, **({"data": data} if data else {})}
+    return FinetuneSettings(resolve_finetune(cfg.finetune, cfg.erase), list(cfg.erase), data or None)
 
 
 STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune),
-    "finetune": Stage("finetune", 1, lambda c: resolve_finetune(c.finetune, c.erase), extra=_finetune_data),
-    "concept_prune": Stage("concept_prune", 1, lambda c: c.concept_prune, extra=lambda c: {"erase": c.erase}),
+    "finetune": Stage("finetune", 1, _finetune_settings),
+    "concept_prune": Stage("concept_prune", 1, lambda c: ConceptPruneSettings(c.concept_prune, list(c.erase))),
     "export": Stage("export", 1, lambda c: c.export),
-    "quantize": Stage("quantize", 1, lambda c: c.quantize, extra=lambda c: {"erase": c.erase}),
+    "quantize": Stage("quantize", 1, lambda c: QuantizeSettings(c.quantize, list(c.erase))),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization),
     "coreml": Stage("coreml", 1, lambda c: c.coreml),
     "benchmark": Stage(
         "benchmark",
         1,
-        lambda c: c.benchmark,
-        extra=lambda c: {"erase": c.erase, "attack": dataclasses.asdict(c.attack)},
+        lambda c: BenchmarkSettings(c.benchmark, list(c.erase), c.attack, c.target, c.description),
     ),
 }
 
@@ -142,9 +151,17 @@ def describe_plan(cfg: RunConfig, model: Path, out: Path, stages: list[Stage]) -
 
 
 def _stage_config(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
-    section = stage.section(cfg)
-    section = to_dict(section) if dataclasses.is_dataclass(section) else {"setting": section}
-    return {**section, **stage.extra(cfg)}
+    """The settings as one flat dict (the fingerprint's and the manifest's): a bundle's section
+    fields first, then its other settings; a setting left None is omitted."""
+    settings = stage.settings(cfg)
+    if not dataclasses.is_dataclass(settings):
+        return {"setting": settings}
+    fields = [f.name for f in dataclasses.fields(settings)]
+    first = getattr(settings, fields[0])
+    if not dataclasses.is_dataclass(first):  # a section itself
+        return to_dict(settings)
+    rest = {name: getattr(settings, name) for name in fields[1:] if getattr(settings, name) is not None}
+    return {**to_dict(first), **{k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in rest.items()}}
 
 
 def _sealed_states(out: Path, model: Path, cfg: RunConfig, stages: list[Stage]) -> dict[str, str]:
@@ -247,8 +264,8 @@ def _follow(cfg: RunConfig, out: Path, followers: _Followers, progress: bool) ->
         return []
     chain = [art.load(Path(path)) for path in job["chain"]]
     stage = STAGES["finetune"]
-    ctx = RunContext(run_dir=out, config=cfg, out_dir=Path(job["partial"]), chain=chain, progress=progress)
-    stage.run(chain[-1], stage.section(cfg), ctx)
+    ctx = RunContext(run_dir=out, out_dir=Path(job["partial"]), chain=chain, progress=progress)
+    stage.run(chain[-1], stage.settings(cfg), ctx)
     return []
 
 
@@ -370,11 +387,11 @@ def _run_stage(
     partial.mkdir(parents=True, exist_ok=True)
     marker.write_text(fp)
     logger.info("%s: running", final.name)
-    ctx = RunContext(run_dir=out, config=cfg, out_dir=partial, chain=list(chain), progress=progress)
+    ctx = RunContext(run_dir=out, out_dir=partial, chain=list(chain), progress=progress)
     if followers is not None and stage.name == "finetune":  # the other processes train with this one
         followers.send({"partial": str(partial), "chain": [str(a.path) for a in chain]})
     start = time.perf_counter()
-    result = stage.run(chain[-1], stage.section(cfg), ctx)
+    result = stage.run(chain[-1], stage.settings(cfg), ctx)
     result.path = partial
     result.stage = stage.name
     result.fingerprint = fp

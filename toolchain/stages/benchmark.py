@@ -20,7 +20,7 @@ import logging
 import time
 
 from toolchain.artifact import Artifact
-from toolchain.config import BenchmarkConfig, load_concept
+from toolchain.config import AttackConfig, BenchmarkConfig, BenchmarkSettings, load_concept
 
 logger = logging.getLogger(__name__)
 JUDGE_FILE = "judge.json"  # a model folder may name the judge that scores its images
@@ -30,31 +30,28 @@ RUNTIMES = {"diffusers": "torch", "onnx": "onnxruntime", "ort": "ort", "coreml":
 
 
 def run(
-    source: Artifact, cfg: BenchmarkConfig, ctx, profile: str | None = None, runtimes: set[str] | None = None
+    source: Artifact,
+    settings: BenchmarkSettings,
+    ctx,
+    profile: str | None = None,
+    runtimes: set[str] | None = None,
 ) -> Artifact:
     """Measure the chain under a device profile: `profile` (a shipped name or a YAML path), else
     `cfg.profile` where the config has it, else $COMPRESS_DEVICE_PROFILE, else desktop-cpu.
     `runtimes` (torch, onnxruntime, ort): run only the models of those runtimes (default: all)."""
     from toolchain.device_config import load_device_profile
 
+    cfg, erase = settings.benchmark, list(settings.erase)
     device = load_device_profile(profile or getattr(cfg, "profile", None))  # a bad profile fails before any work
     import torch
 
-    from benchmarks.latency import (
-        OrtPipeline,
-        component_inputs,
-        composed_image_latency,
-        machine_info,
-        ort_latency,
-        ort_session,
-        time_callable,
-        torch_unet_latency,
-    )
+    from benchmarks.latency import composed_image_latency, machine_info, ort_latency, time_callable, torch_unet_latency
     from benchmarks.memory import cuda_peak_bytes, measure
     from benchmarks.plots import write_plots
     from benchmarks.report import write_report
     from toolchain.models.io import load_unet
-    from toolchain.onestep import read_schedule
+    from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_session
+    from toolchain.runtime.schedule import read_schedule
 
     threads = device.threads or cfg.threads
     if threads:
@@ -77,7 +74,7 @@ def run(
         )
     if device.torch_device == "cuda" and torch_device == "cpu":
         warnings.append(f"device profile {device.name} wants CUDA but torch sees no GPU; the PyTorch rows ran on CPU")
-    evaluation = _evaluation_plan(chain[0], ctx.config.erase, cfg)
+    evaluation = _evaluation_plan(chain[0], erase, cfg)
     if any(a.kind == "coreml" and not a.metrics.get("prediction_checked") for a in chain):
         warnings.append(
             "Core ML prediction needs macOS: the .mlpackage files were checked by their spec only; "
@@ -86,7 +83,7 @@ def run(
     unlearned = any(a.stage == "concept_prune" for a in chain) or any(
         a.stage == "finetune" and a.config.get("mode") != "distill" for a in chain
     )
-    if ctx.config.erase and not unlearned:
+    if erase and not unlearned:
         warnings.append(
             "no unlearning stage ran (finetune.enabled=true with an unlearning mode, or concept_prune.enabled=true): "
             "the erased concepts are measured, not removed"
@@ -117,7 +114,7 @@ def run(
             per_label_n[artifact.stage] = scores.per_label_n
             del ort_pipe
         stages.append(entry)
-    _attack_stages(chain, stages, evaluation, ctx.config, cfg, pipeline_files, providers, threads)
+    _attack_stages(chain, stages, evaluation, settings.attack, cfg, pipeline_files, providers, threads)
 
     pipeline_dir = torch_stages[-1].files
     unet_inputs = component_inputs(pipeline_dir, "unet", cfg.batch, cfg.seed)
@@ -245,9 +242,9 @@ def run(
     report = {
         "model": {
             "source": str(chain[0].files),
-            "target": ctx.config.target,
-            "recipe": ctx.config.description,
-            "erase": list(ctx.config.erase),
+            "target": settings.target,
+            "recipe": settings.recipe,
+            "erase": erase,
         },
         "device_profile": {**device.to_report(), "threads_used": threads, "providers_used": providers},
         "machine": machine_info(),
@@ -324,8 +321,9 @@ def _evaluate(artifact: Artifact, evaluation: dict, cfg: BenchmarkConfig, ort_pi
     """Judge the images `artifact` generates (a diffusers folder in PyTorch, or `ort_pipe` for an
     exported one); returns (scores, report entry, samples): samples = the first image of every label, erased
     labels first, for the report's sample grid."""
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts, get_judge
+    from benchmarks.leakage import evaluate_concepts, get_judge
     from toolchain.models.io import load_pipeline
+    from toolchain.runtime.pytorch import diffusers_generator
 
     if ort_pipe is None:
         generate = diffusers_generator(
@@ -375,13 +373,14 @@ def _share(key: str, share: float, n: int) -> dict:
     return {key: share, f"{key}_n": n, f"{key}_ci95": share_interval(share, n)}
 
 
-def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, pipeline_files, providers, threads):
+def _attack_stages(
+    chain, stages, evaluation, acfg: AttackConfig, cfg: BenchmarkConfig, pipeline_files, providers, threads
+):
     """White-box attacks per stage (`attack` section, toolchain/attacks.py), merged into each
     stage entry's `attack.<label>`: on every PyTorch stage the prefix attack and concept inversion
     run against that stage's model (`attacked_on` = the stage itself); every exported model runs
     the prompts found on the last PyTorch stage before it (`attacked_on` names that stage; the
     inverted embedding does not transfer: it is no text). The original model is the source stage."""
-    acfg = run_config.attack
     if not acfg.enabled or not evaluation or not evaluation["erase"]:
         return
     import torch
@@ -416,7 +415,7 @@ def _attack_stages(chain, stages, evaluation, run_config, cfg: BenchmarkConfig, 
                         attack.update(_share(kind, attack[kind], n))
             del pipe
         elif files and found:
-            from benchmarks.latency import OrtPipeline
+            from toolchain.runtime.ort import OrtPipeline
 
             ort_pipe = OrtPipeline(artifact.path, files, providers, threads)
             for label, (stage, prompts) in found.items():

@@ -15,7 +15,7 @@ import json
 import logging
 
 from toolchain.artifact import Artifact, folder_size
-from toolchain.config import ConceptPruneConfig, load_concept
+from toolchain.config import ConceptPruneSettings, load_concept
 from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, save_unet
 
 logger = logging.getLogger(__name__)
@@ -24,16 +24,17 @@ MASKS_FILE = "concept_prune_masks.safetensors"
 SUMMARY_FILE = "concept_prune.json"
 
 
-def run(source: Artifact, cfg: ConceptPruneConfig, ctx) -> Artifact:
+def run(source: Artifact, settings: ConceptPruneSettings, ctx) -> Artifact:
     from safetensors.torch import save_file
 
     from toolchain.models.io import component_params
     from toolchain.pruning.concept_neurons import concept_prune, masks_to_tensors
 
-    if not ctx.config.erase:
+    cfg, erase = settings.concept_prune, list(settings.erase)
+    if not erase:
         raise ValueError("concept_prune needs at least one concept to erase; pass --erase CONCEPT")
     target_prompts, base_prompts = [], []
-    for name in ctx.config.erase:
+    for name in erase:
         concept = load_concept(name)
         target_prompts += concept.erase_prompts
         base_prompts += [concept.anchor_prompt] * len(concept.erase_prompts)  # "" (unconditional) if unset
@@ -57,13 +58,13 @@ def run(source: Artifact, cfg: ConceptPruneConfig, ctx) -> Artifact:
     save_unet(pipe.unet, out / "unet", pruning_record)  # zeroing keeps every shape: the record still holds
     save_file(masks_to_tensors(record), out / MASKS_FILE)
     summary = {k: v for k, v in record.items() if k != "masks"}
-    summary["erase"] = list(ctx.config.erase)
+    summary["erase"] = erase
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     logger.info(
         "concept_prune: zeroed %d of %d ff.net.2 weights for %s",
         record["zeroed_total"],
         record["ffn_weights_total"],
-        ", ".join(ctx.config.erase),
+        ", ".join(erase),
     )
     return Artifact(
         path=out,

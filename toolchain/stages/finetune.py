@@ -81,9 +81,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolchain.artifact import Artifact, folder_size
-from toolchain.config import CONFIG_DIR, ConceptConfig, ConfigError, FinetuneConfig, load_concept
+from toolchain.config import CONFIG_DIR, ConceptConfig, ConfigError, FinetuneConfig, FinetuneSettings, load_concept
 from toolchain.errors import TrainingDivergedError
 from toolchain.models.io import PRUNING_RECORD, link_pipeline, load_pipeline, load_unet, save_unet
+from toolchain.runtime.schedule import diffusion_target
 from toolchain.unlearning import OBJECTIVE_LATENTS, ForgetBatch, get_objective, trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -457,14 +458,6 @@ def upper_batch(data: TrainingData, cfg: FinetuneConfig, step: int, stream: int,
     t = torch.randint(0, num_timesteps, (cfg.upper_batch_size,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     return x0, noise, t, data.forget_pids[idx], data.anchor_pids[idx]
-
-
-def diffusion_target(scheduler, x0, noise, t):
-    if scheduler.config.prediction_type == "epsilon":
-        return noise
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported; use epsilon or v")
 
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -935,16 +928,17 @@ def train(
 # The stage
 
 
-def run(source: Artifact, cfg: FinetuneConfig, ctx) -> Artifact | None:
+def run(source: Artifact, settings: FinetuneSettings, ctx) -> Artifact | None:
     """The stage; in a multi-process launch every process trains and the main one returns the
     artifact (the others None)."""
     from toolchain.models.io import component_params
 
+    cfg, erase = settings.finetune, list(settings.erase)
     if cfg.mode == "sfd":  # Score Forgetting Distillation to a k-step generator: its own loop
         from toolchain.onestep import run_sfd
 
-        return run_sfd(source, cfg, ctx)
-    concepts = check_config(cfg, list(ctx.config.erase))
+        return run_sfd(source, cfg, erase, ctx)
+    concepts = check_config(cfg, erase)
     retain_images = read_image_folder(Path(cfg.retain_data)) if cfg.retain_data else []
     retain = [] if retain_images else retain_prompt_list(cfg, concepts)
     forget, forget_images = [], []
@@ -984,7 +978,7 @@ def run(source: Artifact, cfg: FinetuneConfig, ctx) -> Artifact | None:
     save_unet(student, out / "unet", record)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the sealed folder is a pipeline, not a run
     summary.update(
-        erase=list(ctx.config.erase),
+        erase=erase,
         retain_prompts=len(retain),
         forget_prompts=len(forget),
         retain_images=len(retain_images),

@@ -13,17 +13,18 @@ from __future__ import annotations
 import shutil
 
 from toolchain.artifact import Artifact, folder_size
-from toolchain.config import QuantizeConfig
+from toolchain.config import QuantizeConfig, QuantizeSettings
 
 PARITY_PROMPTS = 2  # prompts of the held-out parity trajectory (a UNet feed of batch 4)
 
 
-def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
+def run(source: Artifact, settings: QuantizeSettings, ctx) -> Artifact:
     from export.onnx_fp16 import convert_onnx_folder_fp16
     from export.quantize import collect_unet_calibration, quantize_onnx_folder
     from export.validate import ParityError
     from toolchain.pipeline import GateError
 
+    cfg = settings.quantize
     if not (cfg.enabled or cfg.fp16):
         raise ValueError("stage quantize runs only with quantize.enabled=true or quantize.fp16=true")
     src = source.files
@@ -49,7 +50,7 @@ def run(source: Artifact, cfg: QuantizeConfig, ctx) -> Artifact:
             calibration, parity_inputs = None, {}
             if cfg.mode == "static":
                 calibration = {}
-                prompts = _calibration_prompts(cfg, ctx)
+                prompts = _calibration_prompts(cfg, list(settings.erase))
                 for name in int8:
                     if name != "unet":
                         raise GateError(
@@ -119,13 +120,13 @@ def held_out_feed(src, prompts: list[str], cfg: QuantizeConfig):
     )
 
 
-def _calibration_prompts(cfg: QuantizeConfig, ctx) -> list[str]:
+def _calibration_prompts(cfg: QuantizeConfig, erase: list[str]) -> list[str]:
     """`cfg.calibration_prompts` prompts: the erased concepts' retain, erase and held-out prompts, then
     `cfg.calibration_text`, repeated in turn when there are fewer; "" when the recipe has none."""
     from toolchain.config import load_concept
 
     pool: list[str] = []
-    for name in getattr(ctx.config, "erase", []) or []:
+    for name in erase:
         concept = load_concept(name)
         for prompts in concept.retain_prompts.values():
             pool += prompts

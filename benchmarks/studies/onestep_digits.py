@@ -11,7 +11,7 @@ this one process, rounds interleaved across rows) and its ratio to the 25-step s
 training wall time. Every model is exported with the parity gate; the SFD 1-step row is also
 judged through ONNX Runtime.
 
-    python -m benchmarks.onestep_digits --out benchmarks/results/onestep-digits
+    python -m benchmarks.studies.onestep_digits --out benchmarks/results/onestep-digits
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
+from benchmarks.studies.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
 
 ROWS = ("teacher", "bilevel", "sfd-1", "sfd-1@2", "sfd-1@4", "sfd-2")
 
@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime
     import transformers
 
-    from benchmarks.latency import OrtPipeline, time_callable
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts
+    from benchmarks.latency import time_callable
+    from benchmarks.leakage import evaluate_concepts
     from export.onnx import export_onnx
     from toolchain.config import FinetuneConfig
     from toolchain.models.io import EMBEDDED_MODEL, link_pipeline, load_pipeline, save_unet
-    from toolchain.onestep import prompt_data, train_onestep, write_schedule
+    from toolchain.onestep import prompt_data, train_onestep
+    from toolchain.runtime.ort import OrtPipeline
+    from toolchain.runtime.pytorch import diffusers_generator
+    from toolchain.runtime.schedule import write_schedule
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     sfd_overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["speedup_vs_bilevel"] = round(reference / row["latency_ms"], 2) if reference else None
 
     result = {
-        "command": "python -m benchmarks.onestep_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.studies.onestep_digits " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
         "versions": {
             "torch": torch.__version__,

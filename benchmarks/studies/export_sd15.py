@@ -1,6 +1,6 @@
 """Time and peak memory of exporting the SD-1.5 UNet (860M params, random weights) to ONNX and Core ML.
 
-    python -m benchmarks.export_sd15 [--targets onnx coreml] [--threads 1] [--out benchmarks/results/export-sd15.json]
+    python -m benchmarks.studies.export_sd15 [--targets onnx coreml] [--threads 1] [--out benchmarks/results/export-sd15.json]
 
 Each target runs in a fresh child process (`python -m benchmarks.memory`, as the memory benchmark
 does), so its peak memory belongs to that export alone. The child builds the UNet from the
@@ -209,7 +209,7 @@ def run_target(target: str, args, out_dir: Path) -> dict:
     """One fresh child per target; its peak RSS (VmHWM) and the polled peak of its process tree."""
     import psutil  # a dependency of accelerate
 
-    spec = ["benchmarks.export_sd15:export_target", {
+    spec = ["benchmarks.studies.export_sd15:export_target", {
         "target": target,
         "config": str(args.config_path),
         "seed": args.seed,
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
         "versions": library_versions(),
-        "command": "python -m benchmarks.export_sd15 " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.studies.export_sd15 " + " ".join(argv if argv is not None else sys.argv[1:]),
         "targets": {},
     }
     failed = False

@@ -1,6 +1,6 @@
 """Disk cost of never hard-linking the input model, on the SD-1.5 architecture (random weights).
 
-    python -m benchmarks.run_disk_sd15 [--out benchmarks/results/run-disk-sd15.json]
+    python -m benchmarks.studies.run_disk_sd15 [--out benchmarks/results/run-disk-sd15.json]
 
 A run shares the components a stage does not rewrite with its parent artifact. From the user's
 model they are cloned (reflink) or copied, so no edit of a run's file can reach the input; between
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.export_sd15 import cpu_model, library_versions
+from benchmarks.studies.export_sd15 import cpu_model, library_versions
 
 TEXT_ENCODER = dict(  # CLIP ViT-L/14 text tower, as in SD-1.5's text_encoder/config.json
     hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(Path(tmp))
         fs = os.popen(f"df -T {tmp} | tail -1").read().split()
     result = {
-        "command": " ".join(["python -m benchmarks.run_disk_sd15", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python -m benchmarks.studies.run_disk_sd15", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "filesystem": fs[1] if len(fs) > 1 else "unknown"},
         "versions": library_versions(),
         **result,

@@ -1,6 +1,6 @@
 """Params, MACs and CPU latency of pruned SD-1.5 UNets (random weights, real shapes).
 
-    python -m benchmarks.prune_sd15 [--repeats N] [--threads N] [--out benchmarks/results/prune-sd15.json]
+    python -m benchmarks.studies.prune_sd15 [--repeats N] [--threads N] [--out benchmarks/results/prune-sd15.json]
 
 Variants: unpruned, channels 0.3 and 0.5 (magnitude importance), bk-small, bk-tiny (BK-SDM). Each
 is measured on one UNet forward at batch 2 (one image with classifier-free guidance): sample
@@ -83,7 +83,8 @@ def measure(unet, inputs: dict[str, np.ndarray], args, workdir: Path) -> dict:
     import torch
     import torch_pruning as tp
 
-    from benchmarks.latency import ort_latency, ort_session, torch_unet_latency
+    from benchmarks.latency import ort_latency, torch_unet_latency
+    from toolchain.runtime.ort import ort_session
 
     tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
     row: dict = {"params": sum(p.numel() for p in unet.parameters())}
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": {k: list(v.shape) for k, v in inputs.items()},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": library_versions(),
-        "command": "python -m benchmarks.prune_sd15 " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.studies.prune_sd15 " + " ".join(argv if argv is not None else sys.argv[1:]),
         "warmup": args.warmup,
         "repeats": args.repeats,
         "variants": {},

@@ -9,7 +9,7 @@ continuous soft-prompt form and of concept inversion (toolchain/attacks.py, budg
 `settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
 time and the robust option's share of it.
 
-    python -m benchmarks.attack_digits --steps 600 --set upper_every=3 esd_eta=2.0 esd_from_anchor=true \\
+    python -m benchmarks.studies.attack_digits --steps 600 --set upper_every=3 esd_eta=2.0 esd_from_anchor=true \\
         --int8 bilevel-esd+robust --out benchmarks/results/attack-digits
 """
 
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
+from benchmarks.studies.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
 
 ROWS = (
     "teacher",
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
     import transformers
 
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts
+    from benchmarks.leakage import evaluate_concepts
     from toolchain.attacks import PromptEncoder, attack_concept, concept_latents
     from toolchain.config import AttackConfig, FinetuneConfig
+    from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -120,10 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
         recipe does (static QDQ, Conv + MatMul, calibrated on DDIM trajectories), and measure both
         through ONNX Runtime: leakage, held-out leakage, retain accuracy, FID and the success of
         the prompts the attack found on the PyTorch model (transfer)."""
-        from benchmarks.latency import OrtPipeline
         from export.onnx import export_onnx
         from export.quantize import collect_unet_calibration, collect_unet_parity_feed, quantize_onnx_folder
         from toolchain.attacks import transfer_rate
+        from toolchain.runtime.ort import OrtPipeline
 
         model = copy.copy(pipe)
         model.unet = unet.eval()
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         """Write OUT.json / OUT.md with the rows measured so far (keeping OUT.md's hand-written
         section); returns the result."""
         result = {
-            "command": "python -m benchmarks.attack_digits " + " ".join(reproducing_args(given, rows, extra)),
+            "command": "python -m benchmarks.studies.attack_digits " + " ".join(reproducing_args(given, rows, extra)),
             "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
             "versions": {
                 "torch": torch.__version__,

@@ -10,8 +10,8 @@ each), judge FID of those images, training wall time (the teacher samples, gener
 shared by every row, are not counted) and steps. `--samples-cache FILE` reuses teacher samples of
 the same settings from FILE, else generates them and writes FILE.
 
-    python -m benchmarks.finetune_digits --steps 300 --out benchmarks/results/finetune-digits
-    python -m benchmarks.finetune_digits --steps 300 --rows bilevel-esd bilevel-penalty-esd \
+    python -m benchmarks.studies.finetune_digits --steps 300 --out benchmarks/results/finetune-digits
+    python -m benchmarks.studies.finetune_digits --steps 300 --rows bilevel-esd bilevel-penalty-esd \
         --set trainable=cross_attention --n-per-prompt 4 --out benchmarks/results/penalty-digits
 """
 
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
+from benchmarks.studies.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
 
 ROWS = (
     "teacher",
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusers
     import transformers
 
-    from benchmarks.leakage import diffusers_generator, evaluate_concepts
+    from benchmarks.leakage import evaluate_concepts
     from toolchain.config import FinetuneConfig
+    from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     overrides = {k: json_or_text(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = json.loads(args.out.with_suffix(".json").read_text())
             result["timing"] = {
                 **timing,
-                "command": "python -m benchmarks.finetune_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+                "command": "python -m benchmarks.studies.finetune_digits "
+                + " ".join(sys.argv[1:] if argv is None else argv),
             }
             args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
             args.out.with_suffix(".md").write_text(render(result, args.out.with_suffix(".md")))
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, rows[name], flush=True)
 
     result = {
-        "command": "python -m benchmarks.finetune_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.studies.finetune_digits " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
         "versions": {
             "torch": torch.__version__,

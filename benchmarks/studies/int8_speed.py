@@ -1,7 +1,7 @@
 """Int8 UNet formulations in ONNX Runtime (CPU): latency vs fp32, size, parity, and digits quality.
 
-    python -m benchmarks.int8_speed --out benchmarks/results            # speed + digits quality
-    python -m benchmarks.int8_speed --skip-mid --rounds 5              # digits UNet only
+    python -m benchmarks.studies.int8_speed --out benchmarks/results            # speed + digits quality
+    python -m benchmarks.studies.int8_speed --skip-mid --rounds 5              # digits UNet only
 
 Speed: the fp32 UNet and every int8 variant (dynamic QOperator on all ops / MatMul only / Conv
 only, static QDQ per-channel, static QOperator per-channel, static QDQ on Conv + MatMul only)
@@ -12,7 +12,7 @@ UNet (3.3M params, 8x8 latent) and a mid-size SD-1.x-layout UNet with random wei
 (block_out_channels (160, 320, 640, 640), one layer per block, cross-attention dim 768,
 32x32 latent, 148M params), both at batch 2 (one guided image).
 
-Quality (digits only): each int8 folder draws images through `benchmarks.runner.ort_generator`
+Quality (digits only): each int8 folder draws images through `toolchain.runtime.ort.ort_generator`
 (DDIM 25 steps, guidance 5.0) for digit 7's erase + held-out prompts and the nine retained
 digits' prompts (configs/concepts/digit-7.yaml); the digits judge scores them. Bars: retain
 accuracy within 3 points of fp32, digit 7's rate not more than 2 points above fp32's.
@@ -111,7 +111,7 @@ def export_mid(work: Path) -> tuple[Path, dict]:
 
 def time_interleaved(paths: dict[str, Path], feed: dict, rounds: int, warmup: int = 1) -> dict:
     """Per-variant median ms and median per-round ratio to 'fp32', sessions at 1 thread."""
-    from benchmarks.latency import ort_feed, ort_session
+    from toolchain.runtime.ort import ort_feed, ort_session
 
     sessions = {name: ort_session(path, threads=1)[0] for name, path in paths.items()}
     feeds = {name: ort_feed(s, feed) for name, s in sessions.items()}
@@ -164,8 +164,8 @@ def bench_unet(label: str, src: Path, feed: dict, calibration: list[dict], work:
 
 def digits_quality(src: Path, work: Path, n_per_prompt: int, names: list[str]) -> dict:
     from benchmarks.leakage import evaluate_concepts, get_judge
-    from benchmarks.runner import ort_generator
     from toolchain.config import load_concept
+    from toolchain.runtime.ort import ort_generator
 
     concept = load_concept("7")
     erase = {concept.label: list(concept.erase_prompts) + list(concept.heldout_prompts)}
@@ -219,7 +219,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "threads": 1,
-        "command": "python -m benchmarks.int8_speed " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.studies.int8_speed " + " ".join(sys.argv[1:]),
     }
 
 
