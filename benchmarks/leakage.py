@@ -94,9 +94,6 @@ def _clip_judge(**options) -> Judge:
     return load_clip(**options)
 
 
-# --------------------------------------------------------------------------- generators
-
-
 # --------------------------------------------------------------------------- metrics
 
 Z95 = 1.959963984540054  # standard normal quantile at 0.975: a two-sided 95% interval

@@ -61,6 +61,20 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    plots = set(report.get("plots", []))
+    lines = _header(report)
+    lines += _stages_section(report, plots)
+    lines += _latency_section(report, plots)
+    lines += _memory_section(report)
+    lines += ["## Parity (each format against its reference)", ""]
+    lines += _table(
+        report.get("parity", []), ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"]
+    )
+    return "\n".join(lines)
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    """Title, model, warnings and the device profile."""
     model = report.get("model", {})
     lines = [
         "# diffusion-compress report",
@@ -82,8 +96,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             + (", emulated on this machine" if profile.get("emulated") else ""),
             "",
         ]
-    plots = set(report.get("plots", []))
-    lines += ["## Stages", ""]
+    return lines
+
+
+def _stages_section(report: dict[str, Any], plots: set[str]) -> list[str]:
+    """Stage table with shares, counts and intervals; the judge; accuracy per label; quality plots."""
+    lines = ["## Stages", ""]
     stage_rows = [_stage_row(s) for s in report.get("stages", [])]
     attacked = any("prompt_attack" in a for s in report.get("stages", []) for a in (s.get("attack") or {}).values())
     lines += _table(
@@ -122,41 +140,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["![leakage and retain accuracy per stage](quality.png)", ""]
     if "samples.png" in plots:
         lines += ["![sample images per stage, erased concepts in red](samples.png)", ""]
-    lines += ["## Latency", ""]
-    lines += _table(
-        report.get("latency", []),
-        [
-            "runtime",
-            "profile",
-            "stage",
-            "component",
-            "batch",
-            "steps",
-            "method",
-            "median_ms",
-            "p90_ms",
-            "load_ms",
-            "provider",
-        ],
-    )
+    return lines
+
+
+LATENCY_COLUMNS = ["runtime", "profile", "stage", "component", "batch", "steps", "method", "median_ms", "p90_ms"]
+
+
+def _latency_section(report: dict[str, Any], plots: set[str]) -> list[str]:
+    lines = ["## Latency", ""]
+    lines += _table(report.get("latency", []), [*LATENCY_COLUMNS, "load_ms", "provider"])
     if "latency.png" in plots:
         lines += ["![latency per runtime and component](latency.png)", ""]
-    if report.get("memory"):
-        lines += ["## Peak memory (fresh process per model)", ""]
-        rows = [
-            {
-                **m,
-                "peak_rss_mib": m["peak_rss_bytes"] / 2**20 if m.get("peak_rss_bytes") else None,
-                "runtime_rss_mib": m["runtime_rss_bytes"] / 2**20 if m.get("runtime_rss_bytes") else None,
-                "cuda_peak_mib": m["cuda_peak_bytes"] / 2**20 if m.get("cuda_peak_bytes") else None,
-            }
-            for m in report["memory"]
-        ]
-        columns = ["runtime", "profile", "stage", "component", "peak_rss_mib", "runtime_rss_mib", "cuda_peak_mib"]
-        lines += _table(rows, columns + (["over_budget"] if any("over_budget" in m for m in rows) else []))
-        lines += ["runtime_rss: the process after importing the runtime, before the model was loaded.", ""]
-    lines += ["## Parity (each format against its reference)", ""]
-    lines += _table(
-        report.get("parity", []), ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"]
-    )
-    return "\n".join(lines)
+    return lines
+
+
+def _memory_section(report: dict[str, Any]) -> list[str]:
+    if not report.get("memory"):
+        return []
+    lines = ["## Peak memory (fresh process per model)", ""]
+    rows = [
+        {
+            **m,
+            "peak_rss_mib": m["peak_rss_bytes"] / 2**20 if m.get("peak_rss_bytes") else None,
+            "runtime_rss_mib": m["runtime_rss_bytes"] / 2**20 if m.get("runtime_rss_bytes") else None,
+            "cuda_peak_mib": m["cuda_peak_bytes"] / 2**20 if m.get("cuda_peak_bytes") else None,
+        }
+        for m in report["memory"]
+    ]
+    columns = ["runtime", "profile", "stage", "component", "peak_rss_mib", "runtime_rss_mib", "cuda_peak_mib"]
+    lines += _table(rows, columns + (["over_budget"] if any("over_budget" in m for m in rows) else []))
+    return lines + ["runtime_rss: the process after importing the runtime, before the model was loaded.", ""]

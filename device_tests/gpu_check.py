@@ -350,9 +350,9 @@ def part_sfd(check: Check) -> tuple[list[dict], dict[str, bool]]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     stage = STAGES["finetune"]
-    ctx = RunContext(run_dir=check.args.work, config=cfg, out_dir=out, chain=[source, pruned], progress=False)
+    ctx = RunContext(run_dir=check.args.work, out_dir=out, chain=[source, pruned], progress=False)
     started = time.perf_counter()
-    result = stage.run(pruned, stage.section(cfg), ctx)
+    result = stage.run(pruned, stage.settings(cfg), ctx)
     result.path = out
     result.metrics["wall_s"] = time.perf_counter() - started
     return finetune_figures(check, result, "sfd")
@@ -438,7 +438,7 @@ def synthetic_data(config: dict, batch: int, seq: int = 77, seed: int = 0):
     """`finetune.TrainingData` of random latents and prompt embeddings: rows 0..B-1 retain, B..2B-1 forget."""
     import torch
 
-    from toolchain.stages.finetune import TrainingData
+    from toolchain.finetune import TrainingData
 
     g = torch.Generator().manual_seed(seed)
     side = config["sample_size"]
@@ -487,7 +487,7 @@ def time_bilevel(check: Check, built: dict, batch: int, scheduler_config: dict) 
     import torch
 
     from toolchain.config import FinetuneConfig
-    from toolchain.stages.finetune import train
+    from toolchain.finetune import train
 
     data = synthetic_data(built["config"], batch)
     warm, timed = check.sizes["train_warmup_steps"], check.sizes["train_steps"]

@@ -237,7 +237,7 @@ def _convert(ct, module, inputs, output_names, precision, target, component, pha
     """Trace `module` on `inputs` and convert it to an ML program with fixed input shapes.
     Seconds of "trace" and "convert" go to `phases_s`."""
     example = tuple(torch.from_numpy(v) for v in inputs.values())
-    module.eval()  # the caller's module gets its mode back in export_coreml
+    module.eval()  # the caller's module gets its mode back in _convert_component
     with warnings.catch_warnings(), torch.no_grad():
         # diffusers and transformers branch on shapes in Python; with fixed shapes that is what we want.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -357,6 +357,204 @@ def _predict_parity(mlmodel, inputs, reference) -> tuple[float, float]:
     return max_abs_err, psnr_db
 
 
+def _check_arguments(
+    pipe, components, compress_components, compute_precision, compression, attention, minimum_deployment_target
+) -> tuple[tuple, tuple]:
+    """Refuse bad arguments before anything is written; returns (components, compress_components) as tuples."""
+    components = (components,) if isinstance(components, str) else tuple(components)
+    compress_components = (compress_components,) if isinstance(compress_components, str) else tuple(compress_components)
+    if not components or len(set(components)) != len(components) or set(components) - set(VALID_COMPONENTS):
+        raise ValueError(
+            f"components {list(components)}: each must be one of {list(VALID_COMPONENTS)}, at least one, no repeats"
+        )
+    if set(compress_components) - set(VALID_COMPONENTS):
+        raise ValueError(
+            f"compress_components {list(compress_components)}: each must be one of {list(VALID_COMPONENTS)}"
+        )
+    for knob, value, valid in (
+        ("compute_precision", compute_precision, PRECISIONS),
+        ("compression", compression, COMPRESSIONS),
+        ("attention", attention, ATTENTIONS),
+        ("minimum_deployment_target", minimum_deployment_target, DEPLOYMENT_TARGETS),
+    ):
+        if value not in valid:
+            raise ValueError(f"{knob} {value!r}: must be one of {list(valid)}")
+    needed = {"tokenizer", "scheduler", "text_encoder", "unet", "vae"}  # shapes come from all three models
+    missing = sorted(a for a in needed if getattr(pipe, a, None) is None)
+    if missing:
+        raise ValueError(f"pipeline has no {missing}; pass a StableDiffusionPipeline with all of {sorted(needed)}")
+    return components, compress_components
+
+
+def _write_shared_files(pipe, out_dir: Path) -> tuple[dict[str, Any], list[int] | None]:
+    """Write what the packages share: the CLIP tokenizer the Swift package reads and a k-step
+    generator's onestep.json; returns (their rows of result["files"], the generator's timesteps or None)."""
+    (out_dir / "reference").mkdir(parents=True, exist_ok=True)
+    vocab, merges = pipe.tokenizer.save_vocabulary(str(out_dir))
+    from export.onnx import copy_generator_schedule
+
+    generator_schedule = copy_generator_schedule(pipe, out_dir)  # a k-step generator's onestep.json
+    if Path(vocab).name != "vocab.json" or Path(merges).name != "merges.txt":
+        raise CoreMLCheckError(f"the tokenizer wrote {vocab}, {merges}; the Swift package needs vocab.json, merges.txt")
+    files = {
+        "vocab": {"path": "vocab.json", "size_bytes": (out_dir / "vocab.json").stat().st_size},
+        "merges": {"path": "merges.txt", "size_bytes": (out_dir / "merges.txt").stat().st_size},
+    }
+    return files, generator_schedule
+
+
+def _convert_component(ct, pipe, name: str, inputs, precision: str, attention: str, target: str, phases_s):
+    """Run the component's PyTorch module on `inputs` (the parity reference) and convert it; returns
+    (mlmodel, PyTorch outputs as a tuple). Both happen in eval mode and, for the UNet with
+    attention="split_einsum", with SplitEinsumAttnProcessor; the caller's module gets its mode and
+    processors back afterwards, also on error."""
+    convert, _, wrapper, attribute = CONVERTERS[name]
+    torch_module = getattr(pipe, attribute)
+    was_training = torch_module.training
+    saved_processors = pipe.unet.attn_processors if name == "unet" and attention == "split_einsum" else None
+    torch_module.eval()
+    try:
+        if saved_processors is not None:
+            pipe.unet.set_attn_processor(SplitEinsumAttnProcessor())
+        with torch.no_grad(), phase(name, "reference", phases_s):
+            torch_out = wrapper(torch_module)(*(torch.from_numpy(v) for v in inputs.values()))
+        torch_out = (torch_out,) if isinstance(torch_out, torch.Tensor) else torch_out
+        mlmodel = convert(ct, pipe, inputs, precision, target, phases_s)
+    finally:
+        if saved_processors is not None:
+            pipe.unet.set_attn_processor(saved_processors)
+        torch_module.train(was_training)
+    return mlmodel, torch_out
+
+
+def _save_reference(path: Path, inputs, mlmodel, torch_out) -> dict[str, np.ndarray]:
+    """Write the inputs and PyTorch fp32 outputs, under the package's output names, for parity checks
+    on a Mac or a device later; returns the outputs by name."""
+    output_names = [o.name for o in mlmodel.get_spec().description.output]
+    reference = {o: t.detach().float().numpy() for o, t in zip(output_names, torch_out, strict=True)}
+    np.savez(
+        path,
+        **{f"input:{k}": v for k, v in inputs.items()},
+        **{f"output:{k}": v for k, v in reference.items()},
+    )
+    return reference
+
+
+def _save_package(ct, mlmodel, package: Path, name: str, compression: str, phases_s) -> tuple[int, list]:
+    """Save `mlmodel` as `package`, then overwrite it with the compressed model unless `compression`
+    is "none". Returns the uncompressed weight file's size (the compressed one must be smaller) and
+    the (model, is_compressed) pairs that macOS runs."""
+    shutil.rmtree(package, ignore_errors=True)
+    with phase(name, "save", phases_s):
+        mlmodel.save(str(package))
+    uncompressed_weights = _weights_bytes(package)
+    checks = [(mlmodel, False)]
+    if compression != "none":
+        with phase(name, "compress", phases_s):
+            compressed_model = _compress(ct, mlmodel, compression)
+            shutil.rmtree(package)
+            compressed_model.save(str(package))
+        checks.append((compressed_model, True))
+    return uncompressed_weights, checks
+
+
+def _check_package(
+    package: Path, spec, inputs, reference, target: str, compression: str, uncompressed_weights: int
+) -> int:
+    """CoreMLCheckError unless the saved package is an ML program of `target`'s spec version with the
+    reference's inputs and outputs and, when compressed, compressed-weight ops and a weight file
+    smaller than the uncompressed one. Returns the weight file's size."""
+    expected_version = next(v for v, t in SPEC_VERSIONS.items() if t == target)
+    problems = []
+    if spec["model_type"] != "mlProgram":
+        problems.append(f"model type {spec['model_type']}, not mlProgram")
+    if spec["spec_version"] < expected_version:
+        problems.append(f"spec version {spec['spec_version']} below {expected_version} ({target})")
+    for given, side in ((inputs, "inputs"), (reference, "outputs")):
+        for key, array in given.items():
+            found = spec[side].get(key)
+            if found is None or (found["shape"] and found["shape"] != list(array.shape)):
+                problems.append(f"{side[:-1]} {key} {list(array.shape)}: package has {found}")
+    weights = _weights_bytes(package)
+    if compression != "none":
+        if not any(op in spec["ops"] for op in COMPRESSED_WEIGHT_OPS[compression]):
+            problems.append(f"no {' / '.join(COMPRESSED_WEIGHT_OPS[compression])} op after {compression}")
+        if not weights < uncompressed_weights:
+            problems.append(f"weights {weights} B after {compression}, not below {uncompressed_weights} B")
+    if problems:
+        raise CoreMLCheckError(f"{package.name}: " + "; ".join(problems))
+    return weights
+
+
+def _mac_parity(name: str, package: Path, checks, inputs, reference, tolerance: float) -> list[dict[str, Any]]:
+    """Run each model (macOS only) against the PyTorch reference; returns the parity rows. Only the
+    uncompressed model is held to `tolerance` and PSNR_FLOOR_DB (ParityError otherwise): data-free
+    palettes below 6 bits are expected to lose accuracy, so a compressed model's numbers are recorded."""
+    rows = []
+    for model, is_compressed in checks:
+        max_abs_err, psnr_db = _predict_parity(model, inputs, reference)
+        enforced = not is_compressed
+        rows.append(
+            {
+                "component": name,
+                "format": "coreml",
+                "compressed": is_compressed,
+                "max_abs_err": max_abs_err,
+                "psnr_db": psnr_db,
+                "tolerance": tolerance,
+                "enforced": enforced,
+            }
+        )
+        logger.info("%s: max abs err %.3g, PSNR %.1f dB", package.name, max_abs_err, psnr_db)
+        # written as `not <=` so that NaN fails too
+        if enforced and not (max_abs_err <= tolerance and psnr_db >= PSNR_FLOOR_DB):
+            raise ParityError(
+                f"{name}: Core ML vs PyTorch max abs error {max_abs_err:.3g} (tolerance {tolerance:.3g}), "
+                f"PSNR {psnr_db:.1f} dB (floor {PSNR_FLOOR_DB:.0f} dB)"
+            )
+    return rows
+
+
+def _export_component(ct, pipe, name: str, out_dir: Path, result: dict[str, Any]) -> None:
+    """Convert, save, check and (on macOS) run one component with the settings `result` records,
+    compressed when it is in result["compressed_components"], and fill in its entries of `result`.
+    Everything large it holds (PyTorch outputs, one or two ML programs) is freed when it returns."""
+    precision, attention, target = result["precision"], result["attention"], result["minimum_deployment_target"]
+    compression = result["compression"] if name in result["compressed_components"] else "none"
+    package = out_dir / f"{PACKAGE_NAMES[name]}.mlpackage"
+    inputs = CONVERTERS[name][1](pipe, np.random.default_rng(REFERENCE_SEED))
+    start = time.perf_counter()
+    phases_s: dict[str, float] = {}
+    mlmodel, torch_out = _convert_component(ct, pipe, name, inputs, precision, attention, target, phases_s)
+    reference = _save_reference(out_dir / "reference" / f"{PACKAGE_NAMES[name]}.npz", inputs, mlmodel, torch_out)
+    uncompressed_weights, checks = _save_package(ct, mlmodel, package, name, compression, phases_s)
+    export_s = time.perf_counter() - start
+
+    with phase(name, "check", phases_s):
+        spec = inspect_package(package)
+    weights = _check_package(package, spec, inputs, reference, target, compression, uncompressed_weights)
+    del spec["all_ops"]
+    result["spec"][name] = spec
+    result["files"][name] = {
+        "path": package.name,
+        "size_bytes": _folder_bytes(package),
+        "weights_bytes": weights,
+        "uncompressed_weights_bytes": uncompressed_weights,
+        "export_s": round(export_s, 3),
+        "phases_s": phases_s,  # reference, trace, convert, save, compress (when asked), check
+    }
+    logger.info(
+        "%s: converted in %.1f s, weights %d B (uncompressed %d B)",
+        package.name,
+        export_s,
+        weights,
+        uncompressed_weights,
+    )
+    if sys.platform == "darwin":
+        tolerance = DEFAULT_TOLERANCES[precision][name]
+        result["parity"].extend(_mac_parity(name, package, checks, inputs, reference, tolerance))
+
+
 def export_coreml(
     pipe,
     out_dir: Path,
@@ -409,46 +607,16 @@ def export_coreml(
     (an SD-1.5 UNet converts for minutes; coremltools adds its own bars for the convert phase).
     Raises ValueError on bad arguments before anything is written.
     """
-    components = (components,) if isinstance(components, str) else tuple(components)
-    compress_components = (compress_components,) if isinstance(compress_components, str) else tuple(compress_components)
-    if not components or len(set(components)) != len(components) or set(components) - set(VALID_COMPONENTS):
-        raise ValueError(
-            f"components {list(components)}: each must be one of {list(VALID_COMPONENTS)}, at least one, no repeats"
-        )
-    if set(compress_components) - set(VALID_COMPONENTS):
-        raise ValueError(
-            f"compress_components {list(compress_components)}: each must be one of {list(VALID_COMPONENTS)}"
-        )
-    for knob, value, valid in (
-        ("compute_precision", compute_precision, PRECISIONS),
-        ("compression", compression, COMPRESSIONS),
-        ("attention", attention, ATTENTIONS),
-        ("minimum_deployment_target", minimum_deployment_target, DEPLOYMENT_TARGETS),
-    ):
-        if value not in valid:
-            raise ValueError(f"{knob} {value!r}: must be one of {list(valid)}")
-    needed = {"tokenizer", "scheduler", "text_encoder", "unet", "vae"}  # shapes come from all three models
-    missing = sorted(a for a in needed if getattr(pipe, a, None) is None)
-    if missing:
-        raise ValueError(f"pipeline has no {missing}; pass a StableDiffusionPipeline with all of {sorted(needed)}")
-
+    components, compress_components = _check_arguments(
+        pipe, components, compress_components, compute_precision, compression, attention, minimum_deployment_target
+    )
     import coremltools as ct
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    (out_dir / "reference").mkdir(parents=True, exist_ok=True)
-    vocab, merges = pipe.tokenizer.save_vocabulary(str(out_dir))
-    from export.onnx import copy_generator_schedule
-
-    generator_schedule = copy_generator_schedule(pipe, out_dir)  # a k-step generator's onestep.json
-    if Path(vocab).name != "vocab.json" or Path(merges).name != "merges.txt":
-        raise CoreMLCheckError(f"the tokenizer wrote {vocab}, {merges}; the Swift package needs vocab.json, merges.txt")
-
+    files, generator_schedule = _write_shared_files(pipe, out_dir)
     result: dict[str, Any] = {
-        "files": {
-            "vocab": {"path": "vocab.json", "size_bytes": (out_dir / "vocab.json").stat().st_size},
-            "merges": {"path": "merges.txt", "size_bytes": (out_dir / "merges.txt").stat().st_size},
-        },
+        "files": files,
         "spec": {},
         "parity": [],
         "compression": compression,
@@ -459,119 +627,9 @@ def export_coreml(
         "minimum_deployment_target": minimum_deployment_target,
         "decoder_scale_factor": float(pipe.vae.config.get("scaling_factor", 0.18215)),
     }
-    on_mac = sys.platform == "darwin"
     bar = tqdm(components, desc="export coreml", unit="component", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        convert, make_inputs, wrapper, attribute = CONVERTERS[name]
-        package_name = PACKAGE_NAMES[name]
-        package = out_dir / f"{package_name}.mlpackage"
-        inputs = make_inputs(pipe, np.random.default_rng(REFERENCE_SEED))
-        torch_module = getattr(pipe, attribute)
-        was_training = torch_module.training
-        saved_processors = pipe.unet.attn_processors if name == "unet" and attention == "split_einsum" else None
-        start = time.perf_counter()
-        phases_s: dict[str, float] = {}
-        torch_module.eval()
-        try:
-            if saved_processors is not None:
-                pipe.unet.set_attn_processor(SplitEinsumAttnProcessor())
-            with torch.no_grad(), phase(name, "reference", phases_s):
-                torch_out = wrapper(torch_module)(*(torch.from_numpy(v) for v in inputs.values()))
-            torch_out = (torch_out,) if isinstance(torch_out, torch.Tensor) else torch_out
-            mlmodel = convert(ct, pipe, inputs, compute_precision, minimum_deployment_target, phases_s)
-        finally:
-            if saved_processors is not None:
-                pipe.unet.set_attn_processor(saved_processors)
-            torch_module.train(was_training)
-        output_names = [o.name for o in mlmodel.get_spec().description.output]
-        reference = {o: t.detach().float().numpy() for o, t in zip(output_names, torch_out, strict=True)}
-        np.savez(
-            out_dir / "reference" / f"{package_name}.npz",
-            **{f"input:{k}": v for k, v in inputs.items()},
-            **{f"output:{k}": v for k, v in reference.items()},
-        )
-
-        shutil.rmtree(package, ignore_errors=True)
-        with phase(name, "save", phases_s):
-            mlmodel.save(str(package))
-        uncompressed_weights = _weights_bytes(package)
-        compressed = compression != "none" and name in compress_components
-        checks = [(mlmodel, False)]
-        if compressed:
-            with phase(name, "compress", phases_s):
-                compressed_model = _compress(ct, mlmodel, compression)
-                shutil.rmtree(package)
-                compressed_model.save(str(package))
-            checks.append((compressed_model, True))
-        export_s = time.perf_counter() - start
-
-        with phase(name, "check", phases_s):
-            spec = inspect_package(package)
-        expected_version = next(v for v, t in SPEC_VERSIONS.items() if t == minimum_deployment_target)
-        problems = []
-        if spec["model_type"] != "mlProgram":
-            problems.append(f"model type {spec['model_type']}, not mlProgram")
-        if spec["spec_version"] < expected_version:
-            problems.append(
-                f"spec version {spec['spec_version']} below {expected_version} ({minimum_deployment_target})"
-            )
-        for given, side in ((inputs, "inputs"), (reference, "outputs")):
-            for key, array in given.items():
-                found = spec[side].get(key)
-                if found is None or (found["shape"] and found["shape"] != list(array.shape)):
-                    problems.append(f"{side[:-1]} {key} {list(array.shape)}: package has {found}")
-        weights = _weights_bytes(package)
-        if compressed:
-            if not any(op in spec["ops"] for op in COMPRESSED_WEIGHT_OPS[compression]):
-                problems.append(f"no {' / '.join(COMPRESSED_WEIGHT_OPS[compression])} op after {compression}")
-            if not weights < uncompressed_weights:
-                problems.append(f"weights {weights} B after {compression}, not below {uncompressed_weights} B")
-        if problems:
-            raise CoreMLCheckError(f"{package_name}.mlpackage: " + "; ".join(problems))
-        del spec["all_ops"]
-        result["spec"][name] = spec
-        result["files"][name] = {
-            "path": package.name,
-            "size_bytes": _folder_bytes(package),
-            "weights_bytes": weights,
-            "uncompressed_weights_bytes": uncompressed_weights,
-            "export_s": round(export_s, 3),
-            "phases_s": phases_s,  # reference, trace, convert, save, compress (when asked), check
-        }
-        logger.info(
-            "%s: converted in %.1f s, weights %d B (uncompressed %d B)",
-            package.name,
-            export_s,
-            weights,
-            uncompressed_weights,
-        )
-
-        if on_mac:
-            tolerance = DEFAULT_TOLERANCES[compute_precision][name]
-            for model, is_compressed in checks:
-                max_abs_err, psnr_db = _predict_parity(model, inputs, reference)
-                enforced = not is_compressed
-                result["parity"].append(
-                    {
-                        "component": name,
-                        "format": "coreml",
-                        "compressed": is_compressed,
-                        "max_abs_err": max_abs_err,
-                        "psnr_db": psnr_db,
-                        "tolerance": tolerance,
-                        "enforced": enforced,
-                    }
-                )
-                logger.info("%s: max abs err %.3g, PSNR %.1f dB", package.name, max_abs_err, psnr_db)
-                # written as `not <=` so that NaN fails too
-                if enforced and not (max_abs_err <= tolerance and psnr_db >= PSNR_FLOOR_DB):
-                    raise ParityError(
-                        f"{name}: Core ML vs PyTorch max abs error {max_abs_err:.3g} (tolerance {tolerance:.3g}), "
-                        f"PSNR {psnr_db:.1f} dB (floor {PSNR_FLOOR_DB:.0f} dB)"
-                    )
-        del checks, mlmodel, torch_out, reference
-        if compressed:
-            del compressed_model
+        _export_component(ct, pipe, name, out_dir, result)
         gc.collect()
     return result

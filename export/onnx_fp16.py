@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,10 @@ def convert_onnx_folder_fp16(
     Raises ValueError on bad arguments, export.validate.ParityError when a component's error
     passes its tolerance or its PSNR falls below the floor.
     """
-    import onnx
-    import onnxruntime as ort
-    from onnxruntime.transformers.float16 import convert_float_to_float16
     from tqdm.auto import tqdm
 
+    from export.layout import copy_pipeline_files
     from export.quantize import onnx_pair_parity
-    from export.validate import ParityError
     from toolchain.runtime.ort import component_inputs
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -81,43 +77,14 @@ def convert_onnx_folder_fp16(
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the source folder; conversion never modifies its input")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in src_dir.iterdir():
-        if item.name.startswith(".") or item.name == "manifest.json":
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, out_dir / item.name)
-
+    copy_pipeline_files(src_dir, out_dir)
     result: dict[str, Any] = {"parity": [], "files": {}}
     for name in tqdm(components, desc="convert fp16", unit="component", disable=not progress):
         start = time.perf_counter()
         src = src_dir / name / "model.onnx"
         target = out_dir / name / "model.onnx"
         external = (src.with_name("model.onnx_data")).is_file()
-        blocked = list(op_block_list or [])
-        for _ in range(64):  # one retry per op type ORT refuses; a UNet has a few dozen op types
-            model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked or None)
-            for stale in (target, target.with_name("model.onnx_data")):
-                stale.unlink(missing_ok=True)
-            onnx.save_model(
-                model,
-                str(target),
-                save_as_external_data=external,
-                all_tensors_to_one_file=True,
-                location="model.onnx_data",
-            )
-            del model
-            try:
-                ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-                break
-            except Exception as exc:  # ORT raises its own Fail/NotImplemented types
-                op = _MISSING_KERNEL.search(str(exc))
-                if not op or op.group(1) in blocked:
-                    raise
-                logger.info("%s: ORT CPU has no fp16 %s kernel; keeping it fp32", name, op.group(1))
-                blocked.append(op.group(1))
+        blocked = _write_fp16(name, src, target, external, list(op_block_list or []))
         convert_s = time.perf_counter() - start
         inputs = component_inputs(src_dir, name, batch=PARITY_BATCH)
         max_abs_err, psnr_db = onnx_pair_parity(src, target, inputs)
@@ -143,14 +110,51 @@ def convert_onnx_folder_fp16(
             "fp32_op_types": sorted(set(blocked)),
             "convert_s": round(convert_s, 3),
         }
-        if not max_abs_err <= tolerance:
-            raise ParityError(
-                f"{name}: fp16 differs from the fp32 ONNX model by max abs error {max_abs_err:.3g}, "
-                f"over the tolerance {tolerance:.3g}; keep the offending op types fp32 (op_block_list)"
-            )
-        if not psnr_db >= psnr_floor_db:
-            raise ParityError(
-                f"{name}: fp16 vs fp32 ONNX PSNR {psnr_db:.1f} dB, below the floor {psnr_floor_db:.0f} dB "
-                f"(max abs error {max_abs_err:.3g})"
-            )
+        _check_fp16_parity(name, max_abs_err, psnr_db, tolerance, psnr_floor_db)
     return result
+
+
+def _write_fp16(name: str, src: Path, target: Path, external: bool, blocked: list[str]) -> list[str]:
+    """Convert `src` to fp16 at `target` until ORT CPU opens it; returns the op types kept fp32
+    (`blocked`, grown by each op type ORT refuses)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    for _ in range(64):  # one retry per op type ORT refuses; a UNet has a few dozen op types
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked or None)
+        for stale in (target, target.with_name("model.onnx_data")):
+            stale.unlink(missing_ok=True)
+        onnx.save_model(
+            model,
+            str(target),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location="model.onnx_data",
+        )
+        del model
+        try:
+            ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+            break
+        except Exception as exc:  # ORT raises its own Fail/NotImplemented types
+            op = _MISSING_KERNEL.search(str(exc))
+            if not op or op.group(1) in blocked:
+                raise
+            logger.info("%s: ORT CPU has no fp16 %s kernel; keeping it fp32", name, op.group(1))
+            blocked.append(op.group(1))
+    return blocked
+
+
+def _check_fp16_parity(name: str, max_abs_err: float, psnr_db: float, tolerance: float, psnr_floor_db: float) -> None:
+    from export.validate import ParityError
+
+    if not max_abs_err <= tolerance:
+        raise ParityError(
+            f"{name}: fp16 differs from the fp32 ONNX model by max abs error {max_abs_err:.3g}, "
+            f"over the tolerance {tolerance:.3g}; keep the offending op types fp32 (op_block_list)"
+        )
+    if not psnr_db >= psnr_floor_db:
+        raise ParityError(
+            f"{name}: fp16 vs fp32 ONNX PSNR {psnr_db:.1f} dB, below the floor {psnr_floor_db:.0f} dB "
+            f"(max abs error {max_abs_err:.3g})"
+        )

@@ -40,12 +40,11 @@ def convert_to_ort(
     "files": {component: {"path", "size_bytes"}}, "operators_config": OPS_CONFIG}.
     Raises export.validate.ParityError when an .ort model differs from its ONNX source.
     """
-    import numpy as np
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle
     from tqdm.auto import tqdm
 
-    from export.validate import ParityError, psnr
-    from toolchain.runtime.ort import component_inputs
+    from export.layout import copy_pipeline_files
+    from export.validate import ParityError
 
     styles = {s.name: s for s in OptimizationStyle}
     if optimization_style not in styles:
@@ -53,44 +52,16 @@ def convert_to_ort(
     components = sorted(p.parent.name for p in onnx_dir.glob("*/model.onnx"))
     if not components:
         raise ValueError(f"{onnx_dir}: no <component>/model.onnx to convert")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in onnx_dir.iterdir():  # tokenizer, scheduler, configs, model_index.json
-        if item.name.startswith(".") or item.name == "manifest.json":
-            continue
-        if item.is_dir():
-            shutil.copytree(
-                item,
-                out_dir / item.name,
-                dirs_exist_ok=True,
-                ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data"),
-            )
-        else:
-            shutil.copy2(item, out_dir / item.name)
-
-    start = time.perf_counter()
-    chatty = logging.getLogger("ort_format_model.utils")
-    level = chatty.level
-    chatty.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as log:  # the converter prints every step
-            convert_onnx_models_to_ort(onnx_dir, output_dir=out_dir, optimization_styles=[styles[optimization_style]])
-    finally:
-        chatty.setLevel(level)
-    logger.debug(log.getvalue())
-    logger.info("converted %d models to ORT format in %.1f s", len(components), time.perf_counter() - start)
-    for stray in out_dir.rglob("*.onnx"):  # optimised ONNX copies the converter may leave
-        stray.unlink()
+    # tokenizer, scheduler, configs, model_index.json
+    copy_pipeline_files(onnx_dir, out_dir, ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data"))
+    _convert_quietly(onnx_dir, out_dir, styles[optimization_style], len(components))
 
     result = {"parity": [], "files": {}, "operators_config": OPS_CONFIG}
     for name in tqdm(components, desc="check ort", unit="component", disable=not progress):
         ort_path = out_dir / name / "model.ort"
         if not ort_path.is_file():
             raise RuntimeError(f"{name}: the converter wrote no {ort_path}")
-        onnx_out, ort_out = _run_both(
-            onnx_dir / name / "model.onnx", ort_path, component_inputs(onnx_dir, name, batch=2)
-        )
-        max_err = max(float(np.max(np.abs(a - b))) for a, b in zip(onnx_out, ort_out, strict=True))
-        worst_psnr = min(psnr(a, b) for a, b in zip(onnx_out, ort_out, strict=True))
+        max_err, worst_psnr = _ort_parity(onnx_dir, name, ort_path)
         result["parity"].append(
             {
                 "component": name,
@@ -113,6 +84,38 @@ def convert_to_ort(
     # the converter names the models by absolute path; the deliverable must not carry ours
     ops_config.write_text(ops_config.read_text().replace(f"{out_dir.resolve()}/", ""))
     return result
+
+
+def _convert_quietly(onnx_dir: Path, out_dir: Path, style, count: int) -> None:
+    """ONNX Runtime's converter over the whole folder, its step-by-step prints sent to the debug log."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import convert_onnx_models_to_ort
+
+    start = time.perf_counter()
+    chatty = logging.getLogger("ort_format_model.utils")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as log:  # the converter prints every step
+            convert_onnx_models_to_ort(onnx_dir, output_dir=out_dir, optimization_styles=[style])
+    finally:
+        chatty.setLevel(level)
+    logger.debug(log.getvalue())
+    logger.info("converted %d models to ORT format in %.1f s", count, time.perf_counter() - start)
+    for stray in out_dir.rglob("*.onnx"):  # optimised ONNX copies the converter may leave
+        stray.unlink()
+
+
+def _ort_parity(onnx_dir: Path, name: str, ort_path: Path) -> tuple[float, float]:
+    """(max abs error, lowest PSNR) of the ORT-format model against its ONNX source, batch 2."""
+    import numpy as np
+
+    from export.validate import psnr
+    from toolchain.runtime.ort import component_inputs
+
+    onnx_out, ort_out = _run_both(onnx_dir / name / "model.onnx", ort_path, component_inputs(onnx_dir, name, batch=2))
+    max_err = max(float(np.max(np.abs(a - b))) for a, b in zip(onnx_out, ort_out, strict=True))
+    worst_psnr = min(psnr(a, b) for a, b in zip(onnx_out, ort_out, strict=True))
+    return max_err, worst_psnr
 
 
 def _run_both(onnx_path: Path, ort_path: Path, inputs: dict):

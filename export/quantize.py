@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -115,6 +114,75 @@ def quantize_onnx_folder(
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     components = (components,) if isinstance(components, str) else tuple(components)
+    _check_arguments(src_dir, out_dir, mode, components, weight_type, quant_format, calibration, parity_inputs)
+
+    from tqdm.auto import tqdm
+
+    from export.layout import copy_pipeline_files
+
+    copy_pipeline_files(src_dir, out_dir)  # tokenizer, scheduler, configs, untouched components
+    settings = _settings(
+        mode, components, per_channel, op_types, weight_type, quant_format, nodes_to_exclude, calibration
+    )
+    result: dict[str, Any] = {"parity": [], "files": {}, "quantization": settings}
+    bar = tqdm(components, desc=f"quantize {mode}", unit="component", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        feeds = (calibration or {}).get(name)
+        entry, files = _quantize_component(src_dir, out_dir, name, settings, feeds, parity_inputs, psnr_floor_db)
+        result["parity"].append(entry)
+        result["files"][name] = files
+        _check_int8_parity(entry, mode, quant_format)
+    return result
+
+
+def _settings(mode, components, per_channel, op_types, weight_type, quant_format, nodes_to_exclude, calibration):
+    """The quantize_onnx_folder arguments as the result reports them and _quantize_graph reads them."""
+    return {
+        "mode": mode,
+        "components": list(components),
+        "per_channel": per_channel,
+        "op_types": list(op_types or []),
+        "weight_type": weight_type,
+        "activation_type": "QUInt8" if mode == "static" else "dynamic uint8",
+        "quant_format": quant_format,
+        "nodes_to_exclude": list(nodes_to_exclude),
+        "calibration_feeds": {c: len(v) for c, v in (calibration or {}).items()} if mode == "static" else {},
+    }
+
+
+def _quantize_component(
+    src_dir: Path, out_dir: Path, name: str, settings: dict, feeds: list | None, parity_inputs, psnr_floor_db: float
+) -> tuple[dict, dict]:
+    """Quantize one component and measure the int8 graph against its fp32 source; returns (its parity
+    entry, its row of the result's "files"). The caller holds the entry to the PSNR floor."""
+    start = time.perf_counter()
+    src = src_dir / name / "model.onnx"
+    target = out_dir / name / "model.onnx"
+    fp32_bytes = src.stat().st_size + _size(src.with_name("model.onnx_data"))
+    _quantize_graph(src, target, settings, feeds, fp32_bytes)
+    quantize_s = time.perf_counter() - start
+    entry = _int8_parity(src_dir, name, target, parity_inputs, psnr_floor_db)
+    logger.info(
+        "%s: int8 %s in %.1f s, max abs err %.3g, PSNR %.1f dB (floor %.0f dB)",
+        name,
+        settings["mode"],
+        quantize_s,
+        entry["max_abs_err"],
+        entry["psnr_db"],
+        psnr_floor_db,
+    )
+    files = {
+        "path": f"{name}/model.onnx",
+        "size_bytes": target.stat().st_size + _size(target.with_name("model.onnx_data")),
+        "fp32_size_bytes": fp32_bytes,
+        "quantize_s": round(quantize_s, 3),
+    }
+    return entry, files
+
+
+def _check_arguments(src_dir, out_dir, mode, components, weight_type, quant_format, calibration, parity_inputs):
+    """Refuse bad arguments to quantize_onnx_folder before anything is written."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {list(MODES)}")
     unknown = [c for c in components if c not in QUANTIZABLE_COMPONENTS]
@@ -143,109 +211,73 @@ def quantize_onnx_folder(
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the source folder; quantization never modifies its input")
 
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
-    from tqdm.auto import tqdm
 
-    from export.validate import ParityError
+def _quantize_graph(src: Path, target: Path, settings: dict, feeds: list | None, fp32_bytes: int) -> None:
+    """Write the int8 graph of `src` to `target` with ONNX Runtime's quantizer (`settings`: the
+    quantize_onnx_folder arguments as reported; `feeds`: static mode's calibration feeds)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_dynamic, quantize_static
+
+    for stale in (target, target.with_name("model.onnx_data")):
+        stale.unlink(missing_ok=True)
+    external = fp32_bytes > 2**31 - 2**27  # keep protobuf's 2 GiB limit, as the exporter does
+    with tempfile.TemporaryDirectory(dir=target.parents[1], prefix=".quant-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(
+            str(src),
+            str(prepared),
+            skip_symbolic_shape=True,
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+        )
+        common = {
+            "op_types_to_quantize": settings["op_types"] or None,
+            "per_channel": settings["per_channel"],
+            "weight_type": QuantType[settings["weight_type"]],
+            "nodes_to_exclude": settings["nodes_to_exclude"] or None,
+            "use_external_data_format": external,
+        }
+        if settings["mode"] == "dynamic":
+            quantize_dynamic(str(prepared), str(target), **common)
+        else:
+            quantize_static(
+                str(prepared),
+                str(target),
+                _FeedReader(feeds),
+                quant_format=QuantFormat[settings["quant_format"]],
+                activation_type=QuantType.QUInt8,
+                **common,
+            )
+
+
+def _int8_parity(src_dir: Path, name: str, target: Path, parity_inputs: dict | None, psnr_floor_db: float) -> dict:
+    """The int8 graph against its fp32 source on the component's parity feed: the report's entry."""
     from toolchain.runtime.ort import component_inputs
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in src_dir.iterdir():  # tokenizer, scheduler, configs, untouched components
-        if item.name.startswith(".") or item.name == "manifest.json":
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, out_dir / item.name)
-
-    settings = {
-        "mode": mode,
-        "components": list(components),
-        "per_channel": per_channel,
-        "op_types": list(op_types or []),
-        "weight_type": weight_type,
-        "activation_type": "QUInt8" if mode == "static" else "dynamic uint8",
-        "quant_format": quant_format,
-        "nodes_to_exclude": list(nodes_to_exclude),
-        "calibration_feeds": {c: len(v) for c, v in (calibration or {}).items()} if mode == "static" else {},
+    if parity_inputs and name in parity_inputs:
+        inputs = parity_inputs[name]
+    else:  # dynamic mode: nothing was calibrated
+        inputs = component_inputs(src_dir, name, batch=PARITY_BATCH)
+    max_abs_err, psnr_db = onnx_pair_parity(src_dir / name / "model.onnx", target, inputs)
+    return {
+        "component": name,
+        "format": "onnx-int8",
+        "reference": "onnx-fp32",
+        "max_abs_err": max_abs_err,
+        "psnr_db": psnr_db,
+        "psnr_floor_db": psnr_floor_db,
     }
-    result: dict[str, Any] = {"parity": [], "files": {}, "quantization": settings}
-    bar = tqdm(components, desc=f"quantize {mode}", unit="component", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        start = time.perf_counter()
-        src = src_dir / name / "model.onnx"
-        target = out_dir / name / "model.onnx"
-        for stale in (target, target.with_name("model.onnx_data")):
-            stale.unlink(missing_ok=True)
-        fp32_bytes = src.stat().st_size + _size(src.with_name("model.onnx_data"))
-        external = fp32_bytes > 2**31 - 2**27  # keep protobuf's 2 GiB limit, as the exporter does
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant-") as scratch:
-            prepared = Path(scratch) / "prepared.onnx"
-            quant_pre_process(
-                str(src),
-                str(prepared),
-                skip_symbolic_shape=True,
-                save_as_external_data=external,
-                all_tensors_to_one_file=True,
-            )
-            common = {
-                "op_types_to_quantize": list(op_types) if op_types else None,
-                "per_channel": per_channel,
-                "weight_type": QuantType[weight_type],
-                "nodes_to_exclude": list(nodes_to_exclude) or None,
-                "use_external_data_format": external,
-            }
-            if mode == "dynamic":
-                quantize_dynamic(str(prepared), str(target), **common)
-            else:
-                quantize_static(
-                    str(prepared),
-                    str(target),
-                    _FeedReader(calibration[name]),
-                    quant_format=QuantFormat[quant_format],
-                    activation_type=QuantType.QUInt8,
-                    **common,
-                )
-        quantize_s = time.perf_counter() - start
 
-        if parity_inputs and name in parity_inputs:
-            inputs = parity_inputs[name]
-        else:  # dynamic mode: nothing was calibrated
-            inputs = component_inputs(src_dir, name, batch=PARITY_BATCH)
-        max_abs_err, psnr_db = onnx_pair_parity(src, target, inputs)
-        logger.info(
-            "%s: int8 %s in %.1f s, max abs err %.3g, PSNR %.1f dB (floor %.0f dB)",
-            name,
-            mode,
-            quantize_s,
-            max_abs_err,
-            psnr_db,
-            psnr_floor_db,
+
+def _check_int8_parity(entry: dict, mode: str, quant_format: str) -> None:
+    from export.validate import ParityError
+
+    if not entry["psnr_db"] >= entry["psnr_floor_db"]:  # `not >=` so NaN fails too
+        raise ParityError(
+            f"{entry['component']}: int8 ({mode}, {quant_format}) vs fp32 ONNX PSNR {entry['psnr_db']:.1f} dB, "
+            f"below the floor {entry['psnr_floor_db']:.0f} dB (max abs error {entry['max_abs_err']:.3g}); keep "
+            "sensitive nodes in fp32 (nodes_to_exclude), quantize fewer op types, or use mode 'static' with more "
+            "calibration feeds"
         )
-        result["parity"].append(
-            {
-                "component": name,
-                "format": "onnx-int8",
-                "reference": "onnx-fp32",
-                "max_abs_err": max_abs_err,
-                "psnr_db": psnr_db,
-                "psnr_floor_db": psnr_floor_db,
-            }
-        )
-        result["files"][name] = {
-            "path": f"{name}/model.onnx",
-            "size_bytes": target.stat().st_size + _size(target.with_name("model.onnx_data")),
-            "fp32_size_bytes": fp32_bytes,
-            "quantize_s": round(quantize_s, 3),
-        }
-        if not psnr_db >= psnr_floor_db:  # `not >=` so NaN fails too
-            raise ParityError(
-                f"{name}: int8 ({mode}, {quant_format}) vs fp32 ONNX PSNR {psnr_db:.1f} dB, below the floor "
-                f"{psnr_floor_db:.0f} dB (max abs error {max_abs_err:.3g}); keep sensitive nodes in fp32 "
-                "(nodes_to_exclude), quantize fewer op types, or use mode 'static' with more calibration feeds"
-            )
-    return result
 
 
 def _check_parity_held_out(components, calibration: dict, parity_inputs: dict) -> None:

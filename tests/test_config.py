@@ -1,10 +1,14 @@
+import json
 from pathlib import Path
 
 import pytest
 
 from toolchain.config import (
     CONFIG_DIR,
+    MOVED_FINETUNE_KEYS,
     ConfigError,
+    EsdConfig,
+    FinetuneConfig,
     RunConfig,
     from_dict,
     load_concept,
@@ -101,3 +105,50 @@ def test_concept_without_prompts_is_refused(tmp_path):
     path.write_text("name: empty\njudge: digits\nlabel: '1'\nerase_prompts: []\n")
     with pytest.raises(ConfigError, match="erase_prompts is empty"):
         load_concept(str(path))
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_FINETUNE_KEYS))
+def test_flat_finetune_keys_are_refused_with_their_new_name(old):
+    """A recipe written for the flat FinetuneConfig fails naming the new key, which exists and loads."""
+    import dataclasses
+
+    new = MOVED_FINETUNE_KEYS[old]
+    section, leaf = new.split(".")
+    default = getattr(getattr(FinetuneConfig(), section), leaf)
+    with pytest.raises(ConfigError, match=rf"^finetune\.{old} is now finetune\.{section}\.{leaf}$"):
+        load_config(None, None, [f"finetune.{old}={json.dumps(default)}"])
+    cfg, _ = load_config(None, None, [f"finetune.{new}={json.dumps(default)}"])
+    assert getattr(getattr(cfg.finetune, section), leaf) == default
+    assert leaf in {f.name for f in dataclasses.fields(getattr(cfg.finetune, section))}
+
+
+def test_robust_as_a_bool_names_its_enabled_key():
+    with pytest.raises(ConfigError, match=r"^finetune\.robust=true is now finetune\.robust\.enabled$"):
+        load_config(None, None, ["finetune.robust=true"])
+    cfg, _ = load_config("robust-erase", None, [])
+    assert cfg.finetune.robust.enabled and cfg.finetune.esd == EsdConfig(eta=2.0, from_anchor=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.esd.eta=-1", r"finetune\.esd\.eta=-1\.0: must be >= 0"),
+        ("finetune.sfd.steps=0", r"finetune\.sfd\.steps=0: must be >= 1"),
+        ("finetune.penalty.inner_steps=0", r"finetune\.penalty\.inner_steps=0: must be >= 1"),
+        ("finetune.robust.attacked_share=2", r"finetune\.robust\.attacked_share=2\.0: must be in \[0, 1\]"),
+        ("finetune.erasediff.lambda_bome=-0.5", r"finetune\.erasediff\.lambda_bome=-0\.5: must be >= 0"),
+        ("finetune.sfd.bogus=1", r"unknown key finetune\.sfd\.bogus; valid keys here: steps, timesteps"),
+    ],
+)
+def test_sub_config_values_are_checked_with_their_full_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, None, [override])
+
+
+def test_each_objective_receives_only_its_own_sub_config():
+    cfg = FinetuneConfig(esd=EsdConfig(eta=3.0))
+    assert cfg.objective_settings == EsdConfig(eta=3.0)
+    assert FinetuneConfig(objective="erasediff").objective_settings == FinetuneConfig().erasediff
+    assert FinetuneConfig(objective="all-but-one").objective_settings == FinetuneConfig().all_but_one
+    assert FinetuneConfig(objective="ablation").objective_settings is None
+    assert FinetuneConfig(objective="override").objective_settings is None

@@ -23,13 +23,13 @@ def _scores(generate):
 def _distill_only(run_dir, out_dir):
     """The run's finetune stage again on the same pruned student, with unlearning off."""
     from toolchain import artifact as art
-    from toolchain.config import FinetuneConfig, FinetuneSettings
+    from toolchain.config import FinetuneConfig, FinetuneSettings, from_dict
     from toolchain.pipeline import RunContext
     from toolchain.stages import finetune
 
     sealed = art.load(run_dir / "02-finetune")
     settings = {k: v for k, v in sealed.config.items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
-    cfg = FinetuneConfig(**{**settings, "mode": "distill"})
+    cfg = from_dict(FinetuneConfig, {**settings, "mode": "distill"}, "finetune")
     chain = [art.load(run_dir / "00-source"), art.load(run_dir / "01-prune")]
     out_dir.mkdir()
     ctx = RunContext(run_dir=run_dir, out_dir=out_dir, chain=chain, progress=False)

@@ -179,7 +179,8 @@ def _cmd_bench(argv: list[str]) -> int:
     from benchmarks.regress import Tolerances, check_all, format_table
     from toolchain import artifact as art
     from toolchain.config import BenchmarkSettings, ConfigError, RunConfig, from_dict
-    from toolchain.pipeline import GateError, RunContext
+    from toolchain.errors import GateError
+    from toolchain.pipeline import RunContext
     from toolchain.stages import benchmark
 
     args = _bench_parser().parse_args(argv)
@@ -252,9 +253,8 @@ def _cmd_bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from toolchain.config import ConfigError
-    from toolchain.errors import TrainingDivergedError
+    from toolchain.errors import GateError, TrainingDivergedError
     from toolchain.models.io import ModelError
-    from toolchain.pipeline import GateError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     for library in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # their import-time warnings are noise

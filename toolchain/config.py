@@ -110,15 +110,199 @@ RENAMED_OBJECTIVES = {
 }
 
 
+def _at_least(section: str, cfg, names: tuple[str, ...], low: int | float, strict: bool = False) -> None:
+    """ConfigError naming `finetune.<section>.<name>` when a field is below `low` (or not above it)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < low or (strict and not value > low):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise ConfigError(f"{section}.{name}={value}: must be {bound}")
+
+
+@dataclass(frozen=True)
+class EsdConfig:
+    """ESD (`objective: esd`): target T(x_t, base) − η·(T(x_t, c) − T(x_t, base))."""
+
+    eta: float = 1.0  # negative-guidance strength η
+    from_anchor: bool = False  # base = the concept's anchor prompt instead of ""
+
+    def __post_init__(self):
+        _at_least("finetune.esd", self, ("eta",), 0)
+
+
+@dataclass(frozen=True)
+class AllButOneConfig:
+    """All-but-One (`objective: all-but-one`)."""
+
+    beta: float = 1.0  # weight of the unconditional-score term
+
+    def __post_init__(self):
+        _at_least("finetune.all_but_one", self, ("beta",), 0)
+
+
+@dataclass(frozen=True)
+class EraseDiffConfig:
+    """EraseDiff (`objective: erasediff`): the step on L_r + λ(L_f − L_f*), λ fixed."""
+
+    lambda_bome: float = 0.1  # λ (the authors' lambda_bome default 0.1)
+    inner_steps: int = 0  # steps estimating min L_f on a copy (log only)
+
+    def __post_init__(self):
+        if self.lambda_bome < 0:
+            raise ConfigError(
+                f"finetune.erasediff.lambda_bome={self.lambda_bome}: must be >= 0, e.g. 0.1 (EraseDiff's λ is fixed)"
+            )
+        _at_least("finetune.erasediff", self, ("inner_steps",), 0)
+
+
+@dataclass(frozen=True)
+class PenaltyConfig:
+    """mode=bilevel-penalty (BOME)."""
+
+    # K inner L_ft steps on a fresh copy of the lower variables per outer step (EraseDiff's
+    # authors' K_steps default; BOME's experiments use 10 on far cheaper lower problems)
+    inner_steps: int = 2
+    eta: float = 0.5  # η of BOME's multiplier λ = max(η − <∇L_CU, ∇q>/|∇q|², 0) (BOME's toy default 0.5)
+
+    def __post_init__(self):
+        _at_least("finetune.penalty", self, ("inner_steps",), 1)
+        _at_least("finetune.penalty", self, ("eta",), 0)
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """AdvUnlearn-style robust upper level: before every upper step, `attack_steps` steps of an
+    attack (toolchain.attacks) find `prefix_tokens` prefix tokens that bring the concept back in
+    the current student; the unlearning loss is taken on the attacked prompts, plus
+    retain_weight·MSE(S, T) on retain prompts. Costs about `attack_steps` extra forward/backward
+    passes per upper step (robust.attack_s in the summary)."""
+
+    enabled: bool = False
+    # embedding: continuous prefix embeddings (AdvUnlearn's soft-prompt attack, Adam lr attack_lr);
+    # prefix: the discrete token search of the prefix attack (attack_candidates swaps per step)
+    attack: Literal["embedding", "prefix"] = "embedding"
+    attack_steps: int = 8  # attack steps per upper step (AdvUnlearn: 30 on SD)
+    prefix_tokens: int = 3  # adversarial prefix tokens (UnlearnDiffAtk / AdvUnlearn: 5)
+    attack_lr: float = 0.005  # embedding: Adam lr of the prefix embeddings (AdvUnlearn: 1e-3 on SD)
+    attack_candidates: int = 8  # prefix: single-token swaps checked per example and attack step
+    attacked_share: float = 0.5  # share of a forget batch conditioned on attacked prompts (rest plain)
+    retain_weight: float = 1.0  # weight of the retain term MSE(S(x_t,c_r), T(x_t,c_r))
+
+    def __post_init__(self):
+        _at_least("finetune.robust", self, ("attack_steps", "prefix_tokens", "attack_candidates"), 1)
+        if not 0.0 <= self.attacked_share <= 1.0:
+            raise ConfigError(f"finetune.robust.attacked_share={self.attacked_share}: must be in [0, 1], e.g. 0.5")
+        _at_least("finetune.robust", self, ("attack_lr",), 0, strict=True)
+        _at_least("finetune.robust", self, ("retain_weight",), 0)
+
+
+@dataclass(frozen=True)
+class SfdConfig:
+    """mode=sfd: Score Forgetting Distillation to a k-step generator (toolchain.finetune.sfd).
+
+    Defaults from tqch/score-forgetting-distillation's SD run (run_sfd.sh) unless noted; the lrs
+    are the digits model's (paper SD-1.5: generator 1e-6, fake score 3e-6; Adam betas (0, 0.999)).
+    """
+
+    steps: int = 1  # generator calls per image k; timesteps t_i = t_init·(1 − i/k), i < k
+    timesteps: list[int] = field(default_factory=list)  # explicit decreasing timesteps (overrides the two above)
+    init_timestep: int = 625  # t_init, the generation timestep (SD 625, CIFAR-10 440)
+    alpha: float = 1.0  # SiD α: L_G = (y_r − y_f)ᵀ[(y_r − x_g) − α(y_r − y_f)] / w (SD 1, CIFAR-10 1.2)
+    guidance: float = 4.5  # classifier-free guidance inside the loss: fake training, fake and teacher eval
+    tmin: int = 20  # diffusion timesteps of the score evaluations, uniform in [tmin, tmax)
+    tmax: int = 980
+    remain_weight: float = 1.0  # weight of the retain-prompt terms (sg_remain = g_remain)
+    forget_weight: float = 1.0  # weight of the forget→override terms (SD 1.0; code default 0.01)
+    generator_lr: float = 2e-4  # Adam lr of the generator G
+    fake_lr: float = 2e-4  # Adam lr of the fake-score network
+    fake_init: Literal["teacher", "student"] = "teacher"  # fake score starts as a copy of this (SiD: teacher)
+    # teacher's override estimate guided away from the forget prompt (SFD's negative prompt, use_neg[2])
+    negative_forget: bool = False
+
+    def __post_init__(self):
+        _at_least("finetune.sfd", self, ("steps",), 1)
+        if not 0 < self.init_timestep < 1000:
+            raise ConfigError(f"finetune.sfd.init_timestep={self.init_timestep}: must be in (0, 1000), e.g. 625")
+        if self.steps > self.init_timestep:
+            raise ConfigError(
+                f"finetune.sfd.steps={self.steps} > sfd.init_timestep={self.init_timestep}: timesteps would repeat"
+            )
+        ts = list(self.timesteps)
+        if ts and (any(not 0 <= t < 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:], strict=False))):
+            raise ConfigError(
+                f"finetune.sfd.timesteps={ts}: must be strictly decreasing timesteps in [0, 1000), e.g. [625, 312]"
+            )
+        if not 0 <= self.tmin < self.tmax <= 1000:
+            raise ConfigError(
+                f"finetune.sfd.tmin={self.tmin}, sfd.tmax={self.tmax}: need 0 <= tmin < tmax <= 1000, e.g. 20, 980"
+            )
+        _at_least("finetune.sfd", self, ("generator_lr", "fake_lr"), 0, strict=True)
+        _at_least("finetune.sfd", self, ("alpha", "guidance", "remain_weight", "forget_weight"), 0)
+        if self.remain_weight + self.forget_weight == 0:
+            raise ConfigError(
+                "finetune.sfd.remain_weight and sfd.forget_weight are both 0: the sfd loss would be empty"
+            )
+
+    @property
+    def schedule(self) -> list[int]:
+        """The generator's timesteps t_1 > ... > t_k."""
+        if self.timesteps:
+            return [int(t) for t in self.timesteps]
+        return [int(self.init_timestep * (1 - i / self.steps)) for i in range(self.steps)]
+
+
+# Flat keys of the one-class FinetuneConfig before the sub-configs: old key -> new key.
+MOVED_FINETUNE_KEYS = {
+    "esd_eta": "esd.eta",
+    "esd_from_anchor": "esd.from_anchor",
+    "abo_beta": "all_but_one.beta",
+    "erasediff_lambda": "erasediff.lambda_bome",
+    "erasediff_inner_steps": "erasediff.inner_steps",
+    "inner_steps": "penalty.inner_steps",
+    "penalty_eta": "penalty.eta",
+    **{
+        f"robust_{k}": f"robust.{k}"
+        for k in (
+            "attack",
+            "attack_steps",
+            "prefix_tokens",
+            "attack_lr",
+            "attack_candidates",
+            "attacked_share",
+            "retain_weight",
+        )
+    },
+    **{
+        f"sfd_{k}": f"sfd.{k}"
+        for k in (
+            "steps",
+            "timesteps",
+            "init_timestep",
+            "alpha",
+            "guidance",
+            "tmin",
+            "tmax",
+            "remain_weight",
+            "forget_weight",
+            "generator_lr",
+            "fake_lr",
+            "fake_init",
+            "negative_forget",
+        )
+    },
+}
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Distill the pruned student from the unpruned teacher, optionally unlearning `erase`.
 
     Lower level (every mode): L_ft = w_diff·L_diff + w_out·L_outKD + w_feat·L_featKD.
-    Upper level (sequential / bilevel / bilevel-penalty): the unlearning `objective`.
-    bilevel-penalty (BOME): `trainable` names the upper variables, the rest of the UNet the lower ones.
-    mode=sfd: Score Forgetting Distillation of the student into a k-step generator that also
-    forgets (`sfd_*` fields, toolchain/onestep.py); the lower-level and objective fields do not apply.
+    Upper level (sequential / bilevel / bilevel-penalty): the unlearning `objective`, which
+    receives only its own sub-config (`objective_settings`: `esd`, `erasediff`, `all_but_one`).
+    bilevel-penalty (BOME): `trainable` names the upper variables, the rest of the UNet the lower
+    ones (`penalty`). mode=sfd: Score Forgetting Distillation of the student into a k-step
+    generator that also forgets (`sfd`); the lower-level and objective fields do not apply.
     Learning rates default to values that work on the digits model (3.3M params, 16x16 px);
     the paper's SD-2.1 values are lower_lr=1e-6, upper_lr=5e-6, warmup_steps=250.
     """
@@ -138,11 +322,6 @@ class FinetuneConfig:
     warmup_steps: int = 0  # linear lr warm-up of the lower optimiser; paper 250
     upper_every: int = 10  # bilevel: one upper step every K lower steps (code K=10, paper text K=20)
     unlearn_steps: int = 0  # sequential: unlearning steps at the end; 0 = steps // upper_every
-    # bilevel-penalty (BOME): K inner L_ft steps on a fresh copy of the lower variables per outer step
-    # (EraseDiff's authors' K_steps default; BOME's experiments use 10 on far cheaper lower problems)
-    inner_steps: int = 2
-    # bilevel-penalty: η of BOME's multiplier λ = max(η − <∇L_CU, ∇q>/|∇q|², 0) (BOME's toy default 0.5)
-    penalty_eta: float = 0.5
     w_diff: float = 1.0  # weight of the denoising loss
     w_out: float = 2.0  # weight of output distillation
     w_feat: float = 0.1  # weight of block-feature distillation
@@ -157,48 +336,17 @@ class FinetuneConfig:
     samples_per_prompt: int = 8  # teacher samples (x_0 latents) per prompt, generated once
     sample_steps: int = 25  # DDIM steps of the teacher samples
     sample_guidance: float = 5.0  # guidance scale of the teacher samples
-    esd_eta: float = 1.0  # ESD negative-guidance strength
-    esd_from_anchor: bool = False  # ESD: guide away from the concept starting from its anchor prompt, not ""
-    abo_beta: float = 1.0  # All-but-One: weight of the unconditional-score term
-    erasediff_lambda: float = 0.1  # EraseDiff: λ of the step on L_r + λ(L_f − L_f*) (authors' lambda_bome 0.1)
-    erasediff_inner_steps: int = 0  # EraseDiff: steps estimating min L_f on a copy (log only)
-    # AdvUnlearn-style robust upper level: before every upper step, `robust_attack_steps` steps of an
-    # attack (toolchain/attacks.py) find `robust_prefix_tokens` prefix tokens that bring the concept
-    # back in the current student; the unlearning loss is taken on the attacked prompts, plus
-    # robust_retain_weight·MSE(S, T) on retain prompts. `embedding`: continuous prefix embeddings
-    # (AdvUnlearn's soft-prompt attack, Adam lr robust_attack_lr); `prefix`: the discrete token
-    # search of the prefix attack (robust_attack_candidates swaps checked per step). Costs about
-    # robust_attack_steps extra forward/backward passes per upper step (robust.attack_s in the summary)
-    robust: bool = False
-    robust_attack: Literal["embedding", "prefix"] = "embedding"
-    robust_attack_steps: int = 8  # attack steps per upper step (AdvUnlearn: 30 on SD)
-    robust_prefix_tokens: int = 3  # adversarial prefix tokens (UnlearnDiffAtk / AdvUnlearn: 5)
-    robust_attack_lr: float = 0.005  # `embedding`: Adam lr of the prefix embeddings (AdvUnlearn: 1e-3 on SD)
-    robust_attack_candidates: int = 8  # `prefix`: single-token swaps checked per example and attack step
-    robust_attacked_share: float = 0.5  # share of a forget batch conditioned on attacked prompts (rest plain)
-    robust_retain_weight: float = 1.0  # weight of the retain term MSE(S(x_t,c_r), T(x_t,c_r))
+    esd: EsdConfig = field(default_factory=EsdConfig)
+    all_but_one: AllButOneConfig = field(default_factory=AllButOneConfig)
+    erasediff: EraseDiffConfig = field(default_factory=EraseDiffConfig)
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # accelerate mixed precision
     gradient_checkpointing: bool = False  # UNet gradient checkpointing (saves memory on CUDA)
     checkpoint_every: int = 100  # save weights + optimiser states every N steps
     max_loss: float = 1e4  # a loss above this (or NaN/inf) stops the run
     seed: int = 0
-    # mode=sfd: Score Forgetting Distillation to a k-step generator (toolchain/onestep.py). Defaults
-    # from tqch/score-forgetting-distillation's SD run (run_sfd.sh) unless noted; the lrs are the
-    # digits model's (paper SD-1.5: generator 1e-6, fake score 3e-6; Adam betas (0, 0.999)).
-    sfd_steps: int = 1  # generator calls per image k; timesteps t_i = t_init·(1 − i/k), i < k
-    sfd_timesteps: list[int] = field(default_factory=list)  # explicit decreasing timesteps (overrides the two above)
-    sfd_init_timestep: int = 625  # t_init, the generation timestep (SD 625, CIFAR-10 440)
-    sfd_alpha: float = 1.0  # SiD α: L_G = (y_r − y_f)ᵀ[(y_r − x_g) − α(y_r − y_f)] / w (SD 1, CIFAR-10 1.2)
-    sfd_guidance: float = 4.5  # classifier-free guidance inside the loss: fake training, fake and teacher eval
-    sfd_tmin: int = 20  # diffusion timesteps of the score evaluations, uniform in [tmin, tmax)
-    sfd_tmax: int = 980
-    sfd_remain_weight: float = 1.0  # weight of the retain-prompt terms (sg_remain = g_remain)
-    sfd_forget_weight: float = 1.0  # weight of the forget→override terms (SD 1.0; code default 0.01)
-    sfd_generator_lr: float = 2e-4  # Adam lr of the generator G
-    sfd_fake_lr: float = 2e-4  # Adam lr of the fake-score network
-    sfd_fake_init: Literal["teacher", "student"] = "teacher"  # fake score starts as a copy of this (SiD: teacher)
-    # teacher's override estimate guided away from the forget prompt (SFD's negative prompt, use_neg[2])
-    sfd_negative_forget: bool = False
+    sfd: SfdConfig = field(default_factory=SfdConfig)
 
     def __post_init__(self):
         if self.mode not in (*FINETUNE_MODES, "auto"):
@@ -212,22 +360,9 @@ class FinetuneConfig:
                 "finetune.mode=bilevel-penalty splits the UNet into upper (finetune.trainable) and lower variables "
                 "(the rest); set finetune.trainable=cross_attention or non_cross_attention"
             )
-        for name in (
-            "steps",
-            "batch_size",
-            "upper_batch_size",
-            "gradient_accumulation_steps",
-            "upper_every",
-            "inner_steps",
-            "samples_per_prompt",
-            "sample_steps",
-            "checkpoint_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("unlearn_steps", "warmup_steps", "erasediff_inner_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
+        counts = ("steps", "batch_size", "upper_batch_size", "gradient_accumulation_steps", "upper_every")
+        _at_least("finetune", self, (*counts, "samples_per_prompt", "sample_steps", "checkpoint_every"), 1)
+        _at_least("finetune", self, ("unlearn_steps", "warmup_steps"), 0)
         if self.mode == "sequential" and self.unlearn_steps >= self.steps:
             raise ConfigError(
                 f"finetune.unlearn_steps={self.unlearn_steps} >= finetune.steps={self.steps}: "
@@ -239,68 +374,17 @@ class FinetuneConfig:
                     f"finetune.{name}={getattr(self, name)} is not divisible by "
                     f"finetune.gradient_accumulation_steps={self.gradient_accumulation_steps}"
                 )
-        for name in ("lower_lr", "upper_lr", "max_loss"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be > 0")
-        if self.erasediff_lambda < 0:
-            raise ConfigError(
-                f"finetune.erasediff_lambda={self.erasediff_lambda}: must be >= 0, e.g. 0.1 (EraseDiff's λ is fixed)"
-            )
-        for name in ("w_diff", "w_out", "w_feat", "snr_gamma", "penalty_eta", "abo_beta"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
+        _at_least("finetune", self, ("lower_lr", "upper_lr", "max_loss"), 0, strict=True)
+        _at_least("finetune", self, ("w_diff", "w_out", "w_feat", "snr_gamma"), 0)
         if self.w_diff + self.w_out + self.w_feat == 0:
             raise ConfigError("finetune.w_diff, w_out and w_feat are all 0: the lower loss would be empty")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ConfigError(f"finetune.prompt_dropout={self.prompt_dropout}: must be in [0, 1), e.g. 0.1")
-        for name in ("robust_attack_steps", "robust_prefix_tokens", "robust_attack_candidates"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 1 (or finetune.robust=false)")
-        if not 0.0 <= self.robust_attacked_share <= 1.0:
-            raise ConfigError(
-                f"finetune.robust_attacked_share={self.robust_attacked_share}: must be in [0, 1], e.g. 0.5"
-            )
-        if not self.robust_attack_lr > 0:
-            raise ConfigError(f"finetune.robust_attack_lr={self.robust_attack_lr}: must be > 0, e.g. 0.005")
-        if self.robust_retain_weight < 0:
-            raise ConfigError(f"finetune.robust_retain_weight={self.robust_retain_weight}: must be >= 0, e.g. 1.0")
-        self._check_sfd()
-
-    def _check_sfd(self) -> None:
-        if self.sfd_steps < 1:
-            raise ConfigError(f"finetune.sfd_steps={self.sfd_steps}: must be >= 1, e.g. finetune.sfd_steps=1")
-        if not 0 < self.sfd_init_timestep < 1000:
-            raise ConfigError(f"finetune.sfd_init_timestep={self.sfd_init_timestep}: must be in (0, 1000), e.g. 625")
-        if self.sfd_steps > self.sfd_init_timestep:
-            raise ConfigError(
-                f"finetune.sfd_steps={self.sfd_steps} > sfd_init_timestep={self.sfd_init_timestep}: timesteps would repeat"
-            )
-        ts = list(self.sfd_timesteps)
-        if ts and (any(not 0 <= t < 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:], strict=False))):
-            raise ConfigError(
-                f"finetune.sfd_timesteps={ts}: must be strictly decreasing timesteps in [0, 1000), e.g. [625, 312]"
-            )
-        if not 0 <= self.sfd_tmin < self.sfd_tmax <= 1000:
-            raise ConfigError(
-                f"finetune.sfd_tmin={self.sfd_tmin}, sfd_tmax={self.sfd_tmax}: need 0 <= tmin < tmax <= 1000, e.g. 20, 980"
-            )
-        for name in ("sfd_generator_lr", "sfd_fake_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be > 0")
-        for name in ("sfd_guidance", "sfd_remain_weight", "sfd_forget_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"finetune.{name}={getattr(self, name)}: must be >= 0")
-        if self.sfd_remain_weight + self.sfd_forget_weight == 0:
-            raise ConfigError(
-                "finetune.sfd_remain_weight and sfd_forget_weight are both 0: the sfd loss would be empty"
-            )
 
     @property
-    def sfd_schedule(self) -> list[int]:
-        """The generator's timesteps t_1 > ... > t_k (mode=sfd)."""
-        if self.sfd_timesteps:
-            return [int(t) for t in self.sfd_timesteps]
-        return [int(self.sfd_init_timestep * (1 - i / self.sfd_steps)) for i in range(self.sfd_steps)]
+    def objective_settings(self):
+        """What the upper objective receives: its own sub-config (None for ablation and override)."""
+        return {"esd": self.esd, "erasediff": self.erasediff, "all-but-one": self.all_but_one}.get(self.objective)
 
     @property
     def unlearns(self) -> bool:
@@ -489,7 +573,7 @@ class BenchmarkConfig:
 @dataclass(frozen=True)
 class AttackConfig:
     """White-box attacks on erasure, run by the benchmark stage on every PyTorch stage's model
-    (toolchain/attacks.py): a discrete prefix-prompt attack (UnlearnDiffAtk-style), a soft-prompt
+    (toolchain/attacks/): a discrete prefix-prompt attack (UnlearnDiffAtk-style), a soft-prompt
     attack (continuous prefix embeddings, what AdvUnlearn trains against) and concept inversion (one
     learned token embedding); the exported model is measured with the found discrete prompts.
     Cost per stage: about `steps` + `soft_steps` + `inversion_steps` forward/backward passes of the
@@ -642,6 +726,8 @@ def from_dict(cls, data: Any, prefix: str = ""):
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'recipe'}: must be a mapping of keys to values, got {type(data).__name__}")
+    if cls is FinetuneConfig:
+        _refuse_flat_keys(data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
@@ -650,6 +736,16 @@ def from_dict(cls, data: Any, prefix: str = ""):
         raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys here: {', '.join(names)}")
     kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _refuse_flat_keys(data: dict, prefix: str) -> None:
+    """A recipe written for the flat FinetuneConfig fails with the key's new name, not 'unknown key'."""
+    where = f"{prefix}." if prefix else ""
+    if isinstance(data.get("robust"), bool):
+        raise ConfigError(f"{where}robust={str(data['robust']).lower()} is now {where}robust.enabled")
+    for key in data:
+        if key in MOVED_FINETUNE_KEYS:
+            raise ConfigError(f"{where}{key} is now {where}{MOVED_FINETUNE_KEYS[key]}")
 
 
 def to_dict(cfg) -> dict[str, Any]:

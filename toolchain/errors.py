@@ -12,3 +12,7 @@ class ModelError(ValueError):
 
 class TrainingDivergedError(RuntimeError):
     """A loss became NaN/inf or exceeded `max_loss`; the last good checkpoint is kept."""
+
+
+class GateError(RuntimeError):
+    """A measured gate failed (export parity, regression); the CLI exits with code 1."""

@@ -49,10 +49,6 @@ from toolchain.runfolder import RunFolder, RunLock, check_out_dir
 logger = logging.getLogger(__name__)
 
 
-class GateError(RuntimeError):
-    """A measured gate failed (export parity, regression); the CLI exits with code 1."""
-
-
 @dataclass
 class RunContext:
     """What a stage may know besides its input and its typed settings: where it writes, what came before."""

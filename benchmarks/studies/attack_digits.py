@@ -2,14 +2,14 @@
 
 Rows: the teacher; distillation alone (no unlearning); plain bilevel with EraseDiff (the default
 recipe's objective) and with ESD; the same with the AdvUnlearn-style robust option
-(`finetune.robust`; "+robust" trains against the continuous soft-prompt attack, the default,
+(`finetune.robust.enabled`; "+robust" trains against the continuous soft-prompt attack, the default,
 "+robust-prefix" against the discrete prefix search). Columns: leakage of 7 on its training
 prompts and on held-out phrasings, success of the white-box prefix-prompt attack, of its
-continuous soft-prompt form and of concept inversion (toolchain/attacks.py, budget in
+continuous soft-prompt form and of concept inversion (toolchain/attacks/, budget in
 `settings.attack`), judge accuracy on the other nine digits, judge FID, training wall
 time and the robust option's share of it.
 
-    python -m benchmarks.studies.attack_digits --steps 600 --set upper_every=3 esd_eta=2.0 esd_from_anchor=true \\
+    python -m benchmarks.studies.attack_digits --steps 600 --set upper_every=3 esd.eta=2.0 esd.from_anchor=true \\
         --int8 bilevel-esd+robust --out benchmarks/results/attack-digits
 """
 
@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.studies.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
+from benchmarks.studies.digits_erase import (
+    erase_seven,
+    finetune_config,
+    flat_finetune,
+    handwritten_section,
+    markdown_header,
+    write_result,
+)
 
 ROWS = (
     "teacher",
@@ -44,7 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument("--samples-cache", type=Path, default=None, help="reuse teacher samples from this file")
-    parser.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="FinetuneConfig overrides key=value (YAML values; esd.eta=2.0 sets a sub-config)",
+    )
     parser.add_argument("--attack", nargs="*", default=[], help="AttackConfig overrides key=value (JSON values)")
     parser.add_argument("--keep", action="store_true", help="keep the rows OUT.json already has; measure the rest")
     parser.add_argument(
@@ -70,12 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.leakage import evaluate_concepts
     from toolchain.attacks import PromptEncoder, attack_concept, concept_latents
-    from toolchain.config import AttackConfig, FinetuneConfig
+    from toolchain.config import AttackConfig, to_dict
+    from toolchain.finetune import prepare_data, retain_prompt_list, train
     from toolchain.runtime.pytorch import diffusers_generator
-    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
+    base = finetune_config(args.set, steps=args.steps, checkpoint_every=10**6)
     attack_cfg = AttackConfig(
         enabled=True,
         **{"images_per_prompt": 16, **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.attack)}},
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "transformers": transformers.__version__,
             },
             "settings": {
-                "finetune": vars(base),
+                "finetune": to_dict(base),
                 "attack": vars(attack_cfg),
                 "prune_ratio": 0.3,
                 "erase": "7",
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = json.loads(args.out.with_suffix(".json").read_text())["rows"]
     for path in args.merge:
         other = json.loads(path.read_text())
-        same = json.loads(json.dumps([vars(base), vars(attack_cfg), args.n_per_prompt]))
+        same = json.loads(json.dumps([to_dict(base), vars(attack_cfg), args.n_per_prompt]))
         if [other["settings"][k] for k in ("finetune", "attack", "n_per_prompt")] != same:
             raise SystemExit(f"{path}: measured with other settings than this command's; not merged")
         rows.update(other["rows"])
@@ -219,10 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
             name_objective, _, robust_kind = name.partition("+")
             mode, _, objective = name_objective.partition("-")
             robust = bool(robust_kind)
-            inner = {"robust_attack": "prefix"} if robust_kind == "robust-prefix" else {}
-            cfg = FinetuneConfig(
-                **{**vars(base), "mode": mode, "objective": objective or "esd", "robust": robust, **inner}
-            )
+            attack = "prefix" if robust_kind == "robust-prefix" else base.robust.attack
+            robust_cfg = dataclasses.replace(base.robust, enabled=robust, attack=attack)
+            cfg = dataclasses.replace(base, mode=mode, objective=objective or "esd", robust=robust_cfg)
             out = tmp / f"{name}-{len(list(tmp.iterdir()))}"
             unet, summary = train(
                 copy.deepcopy(student0),
@@ -313,7 +324,7 @@ def to_markdown(result: dict) -> str:
             f"{pct(r['retain_accuracy'])} | {rel} | {fid} | "
             f"{r['wall_s']} | {r['robust_s'] if r['robust_s'] is not None else '-'} | {r['attack_s']} |"
         )
-    f = result["settings"]["finetune"]
+    f = flat_finetune(result["settings"]["finetune"])
     lines += [
         "",
         f"Finetune: {f['steps']} steps, lower_lr {f['lower_lr']}, upper_lr {f['upper_lr']}, K={f['upper_every']}, "

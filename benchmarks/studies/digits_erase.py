@@ -85,3 +85,32 @@ def handwritten_section(md: Path) -> str:
     text = md.read_text() if md.is_file() else ""
     start = text.find(HANDWRITTEN_HEADING)
     return "" if start < 0 else "\n" + text[start:]
+
+
+def finetune_config(items: list[str], **fixed):
+    """FinetuneConfig from `fixed` plus `--set key=value` items (YAML values; a dotted key sets a
+    sub-config: `esd.eta=2.0`). Commands recorded before the sub-configs name flat keys
+    (`esd_eta=2.0`, `robust=true`); they are read under their new names, so they still run."""
+    from toolchain.config import MOVED_FINETUNE_KEYS, FinetuneConfig, deep_merge, from_dict, parse_override
+
+    data: dict[str, Any] = dict(fixed)
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = "robust.enabled" if key == "robust" else MOVED_FINETUNE_KEYS.get(key, key)
+        data = deep_merge(data, parse_override(f"{key}{sep}{value}"))
+    return from_dict(FinetuneConfig, data, "finetune")
+
+
+def flat_finetune(fields: dict) -> dict:
+    """A results file's finetune settings under the flat names of before the sub-configs
+    (`esd_eta`, `robust_attack_steps`, ...), so files written before and after render alike."""
+    from toolchain.config import MOVED_FINETUNE_KEYS
+
+    flat = dict(fields)
+    for old, new in MOVED_FINETUNE_KEYS.items():
+        section, leaf = new.split(".")
+        if old not in flat and isinstance(fields.get(section), dict) and leaf in fields[section]:
+            flat[old] = fields[section][leaf]
+    if isinstance(fields.get("robust"), dict):
+        flat["robust"] = fields["robust"]["enabled"]
+    return flat

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 TARGETS = ("onnx", "coreml")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_S = 0.05  # RSS sampling period inside the child
 POLL_S = 0.2  # process-tree RSS polling period in the parent
 

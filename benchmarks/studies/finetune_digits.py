@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -26,7 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.studies.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
+from benchmarks.studies.digits_erase import (
+    erase_seven,
+    finetune_config,
+    flat_finetune,
+    handwritten_section,
+    markdown_header,
+    write_result,
+)
 
 ROWS = (
     "teacher",
@@ -63,7 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="only time distill vs bilevel-esd, alternating 3 times with STEPS steps each; merged into OUT.json",
     )
     parser.add_argument(
-        "--set", nargs="*", default=[], help="FinetuneConfig overrides key=value (JSON values; other text is a string)"
+        "--set",
+        nargs="*",
+        default=[],
+        help="FinetuneConfig overrides key=value (YAML values; esd.eta=2.0 sets a sub-config)",
     )
     args = parser.parse_args(argv)
 
@@ -74,12 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     from benchmarks.leakage import evaluate_concepts
-    from toolchain.config import FinetuneConfig
+    from toolchain.config import to_dict
+    from toolchain.finetune import prepare_data, retain_prompt_list, train
     from toolchain.runtime.pytorch import diffusers_generator
-    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
-    overrides = {k: json_or_text(v) for k, v in (item.split("=", 1) for item in args.set)}
-    base = FinetuneConfig(steps=args.steps, checkpoint_every=10**6, **overrides)
+    base = finetune_config(args.set, steps=args.steps, checkpoint_every=10**6)
     world = erase_seven(0.3)
     seven, pipe, teacher, student0, judge = world.seven, world.pipe, world.teacher, world.student0, world.judge
     erase, heldout, retain = world.erase, world.heldout, world.retain
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     def finetune(mode: str, objective: str = "esd", **extra):
-        cfg = FinetuneConfig(**{**vars(base), "mode": mode, "objective": objective, **extra})
+        cfg = dataclasses.replace(base, mode=mode, objective=objective, **extra)
         out = tmp / f"{mode}-{objective}-{len(list(tmp.iterdir()))}"  # never resume another row's run
         student, summary = train(copy.deepcopy(student0), teacher, data, cfg, dict(pipe.scheduler.config), out, True)
         return student, summary["wall_s"]
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         timing_base = base
         for _ in range(3):
             for name, mode in (("distill", "distill"), ("bilevel-esd", "bilevel")):
-                cfg = FinetuneConfig(**{**vars(timing_base), "steps": args.timing, "mode": mode})
+                cfg = dataclasses.replace(timing_base, steps=args.timing, mode=mode)
                 _, summary = train(
                     copy.deepcopy(student0),
                     teacher,
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             "transformers": transformers.__version__,
         },
         "settings": {
-            **vars(base),
+            **to_dict(base),
             "prune_ratio": 0.3,
             "erase": "7",
             "n_per_prompt": args.n_per_prompt,
@@ -205,15 +215,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:  # keep the hand-written section of an existing OUT.md
         write_result(args.out, result, lambda r: render(r, args.out.with_suffix(".md")))
     return result
-
-
-def json_or_text(value: str):
-    """A --set value: JSON where it parses (numbers, true, lists), else the text itself, so a recorded
-    command stays runnable as it is written (no shell quoting of JSON strings)."""
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def render(result: dict, md: Path) -> str:
@@ -242,7 +243,7 @@ def to_markdown(result: dict) -> str:
             f"| {name} | {r['leakage_7']:.1%} | {r['leakage_7_heldout']:.1%} | {r['retain_accuracy']:.1%} | {rel} | "
             f"{fid} | {r['wall_s']} | {speed} | {r['steps']} |"
         )
-    s = result["settings"]
+    s = flat_finetune(result["settings"])
     lines += [
         "",
         f"Settings: lower_lr {s['lower_lr']}, upper_lr {s['upper_lr']}, K={s['upper_every']}, batch {s['batch_size']}, "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-DIGITS = Path(__file__).resolve().parents[1] / "toolchain" / "assets" / "digits-sd"
+DIGITS = Path(__file__).resolve().parents[2] / "toolchain" / "assets" / "digits-sd"
 CALIBRATION_PROMPTS = [f"a handwritten digit {w}" for w in "zero one two three four five six seven eight nine".split()]
 MID_UNET = {
     "block_out_channels": (160, 320, 640, 640),

@@ -25,7 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.studies.digits_erase import erase_seven, handwritten_section, markdown_header, write_result
+from benchmarks.studies.digits_erase import (
+    erase_seven,
+    finetune_config,
+    handwritten_section,
+    markdown_header,
+    write_result,
+)
 
 ROWS = ("teacher", "bilevel", "sfd-1", "sfd-1@2", "sfd-1@4", "sfd-2")
 
@@ -43,7 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples-cache", type=Path, default=None, help="reuse the bilevel row's teacher samples")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     parser.add_argument(
-        "--set", nargs="*", default=[], help="FinetuneConfig overrides of the sfd rows, key=value (JSON)"
+        "--set",
+        nargs="*",
+        default=[],
+        help="FinetuneConfig overrides of the sfd rows, key=value (YAML; sfd.alpha=1.2 sets a sub-config)",
     )
     args = parser.parse_args(argv)
 
@@ -57,15 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.latency import time_callable
     from benchmarks.leakage import evaluate_concepts
     from export.onnx import export_onnx
-    from toolchain.config import FinetuneConfig
+    from toolchain.config import FinetuneConfig, to_dict
+    from toolchain.finetune import prepare_data, prompt_data, retain_prompt_list, train, train_onestep
     from toolchain.models.io import EMBEDDED_MODEL, link_pipeline, load_pipeline, save_unet
-    from toolchain.onestep import prompt_data, train_onestep
     from toolchain.runtime.ort import OrtPipeline
     from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.runtime.schedule import write_schedule
-    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
-    sfd_overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     world = erase_seven(0.3)
     seven, pipe, teacher, student0, judge = world.seven, world.pipe, world.teacher, world.student0, world.judge
     erase, heldout, retain = world.erase, world.heldout, world.retain
@@ -94,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     def sfd_config(k: int) -> FinetuneConfig:
-        settings = {"batch_size": 8, "upper_batch_size": 8, **sfd_overrides}
-        return FinetuneConfig(mode="sfd", steps=args.sfd_steps, checkpoint_every=10**6, sfd_steps=k, **settings)
+        fixed = {"batch_size": 8, "upper_batch_size": 8, "mode": "sfd", "steps": args.sfd_steps}
+        return finetune_config([*args.set, f"sfd.steps={k}"], checkpoint_every=10**6, **fixed)
 
     rows: dict[str, dict] = {}
     folders: dict[str, Path] = {}
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                 trained[k_train] = (unet, summary["wall_s"])
             unet, wall = trained[k_train]
             steps, calls = cfg.steps, k_sample
-            schedule = sfd_config(k_sample).sfd_schedule
+            schedule = sfd_config(k_sample).sfd.schedule
             folder = pipeline_folder(name.replace("@", "-at-"), unet, schedule, pruned=True)
         row_pipe = load_pipeline(folder)
         row = judge_generator(diffusers_generator(row_pipe))  # reads onestep.json from the folder
@@ -193,9 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
             "n_per_prompt": args.n_per_prompt,
             "bilevel_steps": args.bilevel_steps,
             "sfd": {
-                k: v
-                for k, v in vars(sfd_config(1)).items()
-                if k.startswith("sfd_") or k in ("batch_size", "upper_batch_size", "steps", "prompt_dropout")
+                **{f"sfd_{k}": v for k, v in to_dict(sfd_config(1).sfd).items()},
+                **{k: getattr(sfd_config(1), k) for k in ("batch_size", "upper_batch_size", "steps", "prompt_dropout")},
             },
             "latency": {
                 "runtime": "onnxruntime CPUExecutionProvider, 1 intra-op thread",

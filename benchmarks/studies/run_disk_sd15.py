@@ -45,7 +45,8 @@ def build_model(folder: Path) -> None:
     torch.manual_seed(0)
     CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)).save_pretrained(folder / "text_encoder", safe_serialization=True)
     AutoencoderKL(**VAE).save_pretrained(folder / "vae", safe_serialization=True)
-    embedded = Path(__file__).resolve().parents[1] / "toolchain" / "assets" / "digits-sd"
+    from toolchain.models.io import EMBEDDED_MODEL as embedded
+
     for name in ("tokenizer", "scheduler", "model_index.json"):
         src = embedded / name
         shutil.copytree(src, folder / name) if src.is_dir() else shutil.copy2(src, folder / name)

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import leakage, quality
+from benchmarks import quality
 from benchmarks.testbed import digits
 from benchmarks.testbed.judge import judge_report, load_judge
+from toolchain.runtime.pytorch import diffusers_generator
+from toolchain.runtime.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def evaluate(model: Path, n_per_digit: int, steps: int, guidance_scale: float, s
     judge = load_judge()
     split = digits.load_split()
     pipe = StableDiffusionPipeline.from_pretrained(model)
-    generate = leakage.diffusers_generator(pipe, steps=steps, guidance_scale=guidance_scale)
+    generate = diffusers_generator(pipe, steps=steps, guidance_scale=guidance_scale)
     prompts, labels, heldout = digit_prompts(n_per_digit)
     t0 = time.perf_counter()
     images = generate(prompts, seed)
@@ -175,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--n-per-digit", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=leakage.DEFAULT_STEPS)
-    parser.add_argument("--guidance-scale", type=float, default=leakage.DEFAULT_GUIDANCE_SCALE)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "digits-model.json")
     args = parser.parse_args(argv)

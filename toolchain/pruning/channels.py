@@ -169,6 +169,40 @@ def prune_unet_channels(
     - GroupNorm groups are found by torch-pruning itself: channels go in steps of num_groups
       (which is also why `round_to` other than None/1 is refused).
     """
+    from diffusers.models.attention_processor import Attention
+
+    block_ratios = _checked_arguments(unet, ratio, importance, round_to, block_ratios, taylor)
+    base_config = json.loads(unet.to_json_string())
+    params_before = sum(p.numel() for p in unet.parameters())
+    pruner = _unet_pruner(unet, ratio, importance, example_inputs, global_pruning, block_ratios)
+    taylor_summary = None
+    if importance == "taylor":
+        taylor_summary = accumulate_taylor_gradients(unet, **taylor)
+    pruner.step()
+    unet.zero_grad(set_to_none=True)  # the Taylor gradients are spent; pruned shapes differ
+    sync_diffusers_attributes(unet)
+
+    params_after = sum(p.numel() for p in unet.parameters())
+    logger.info("pruned UNet channels at ratio %.2f: %d -> %d params", ratio, params_before, params_after)
+    return {
+        "method": "channels",
+        "ratio": ratio,
+        "importance": importance,
+        "global_pruning": global_pruning,
+        "round_to": round_to,
+        "block_ratios": block_ratios,
+        "taylor": taylor_summary,
+        "base_config": base_config,
+        "shapes": {key: list(tensor.shape) for key, tensor in unet.state_dict().items()},
+        "attention_heads": {n: m.heads for n, m in unet.named_modules() if isinstance(m, Attention)},
+        "params_before": params_before,
+        "params_after": params_after,
+    }
+
+
+def _checked_arguments(unet: nn.Module, ratio, importance, round_to, block_ratios, taylor) -> dict[str, float]:
+    """Refuse bad `prune_unet_channels` arguments before anything is touched; returns a copy of
+    block_ratios ({} for None)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio={ratio}: must be in [0, 1) (the share of channels removed)")
     if importance not in IMPORTANCES:
@@ -197,19 +231,24 @@ def prune_unet_channels(
             "importance='taylor' needs taylor={'encoder_hidden_states': ...} (the text condition "
             "of the calibration batch), plus optional steps, stop, latents, noise_scheduler"
         )
+    return block_ratios
+
+
+def _unet_pruner(unet: nn.Module, ratio, importance, example_inputs, global_pruning, block_ratios):
+    """torch-pruning's pruner for `unet` with the special cases of `prune_unet_channels`: conv_out
+    ignored, whole heads of to_q/to_k/to_v, GEGLU/SwiGLU projections as two output groups, and
+    per-block channel and head ratios."""
     import torch_pruning as tp
     from diffusers.models.activations import GEGLU, SwiGLU
     from diffusers.models.attention_processor import Attention
 
-    base_config = json.loads(unet.to_json_string())
-    params_before = sum(p.numel() for p in unet.parameters())
+    modules = dict(unet.named_modules())
     num_heads = {}
     for module in unet.modules():
         if isinstance(module, Attention):
             num_heads.update({layer: module.heads for layer in (module.to_q, module.to_k, module.to_v)})
     split_outputs = {m.proj: 2 for m in unet.modules() if isinstance(m, (GEGLU, SwiGLU))}
-
-    pruner = tp.pruner.BasePruner(
+    return tp.pruner.BasePruner(
         unet,
         example_inputs if example_inputs is not None else default_example_inputs(unet),
         importance=IMPORTANCES[importance](),
@@ -227,26 +266,3 @@ def prune_unet_channels(
         out_channel_groups=split_outputs,
         output_transform=lambda output: output.sample,
     )
-    taylor_summary = None
-    if importance == "taylor":
-        taylor_summary = accumulate_taylor_gradients(unet, **taylor)
-    pruner.step()
-    unet.zero_grad(set_to_none=True)  # the Taylor gradients are spent; pruned shapes differ
-    sync_diffusers_attributes(unet)
-
-    params_after = sum(p.numel() for p in unet.parameters())
-    logger.info("pruned UNet channels at ratio %.2f: %d -> %d params", ratio, params_before, params_after)
-    return {
-        "method": "channels",
-        "ratio": ratio,
-        "importance": importance,
-        "global_pruning": global_pruning,
-        "round_to": round_to,
-        "block_ratios": block_ratios,
-        "taylor": taylor_summary,
-        "base_config": base_config,
-        "shapes": {key: list(tensor.shape) for key, tensor in unet.state_dict().items()},
-        "attention_heads": {n: m.heads for n, m in unet.named_modules() if isinstance(m, Attention)},
-        "params_before": params_before,
-        "params_after": params_after,
-    }

@@ -1,5 +1,7 @@
-"""The ONNX Runtime backend (ONNX and ORT format): sessions, feeds cast to the graph's dtypes,
-example inputs from the component configs, and text-to-image sampling over an exported folder."""
+"""The ONNX Runtime backend (ONNX and ORT format): sessions, feeds cast to each graph's declared
+dtypes (fp32, fp16-io and int8 folders run unchanged; optimum's UNet takes a scalar timestep),
+example inputs from the component configs, and `OrtPipeline`, an exported folder loaded as a
+`toolchain.runtime.sampler.Backend`: it samples through the one sampler, as PyTorch does."""
 
 from __future__ import annotations
 
@@ -10,7 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.runtime.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, Generator
+from toolchain.runtime.sampler import DEFAULT_BATCH_SIZE, DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, Generator, sample
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+NP_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def component_inputs(pipeline_dir: Path, component: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,120 +83,106 @@ def ort_session(onnx_path: Path, threads: int = 0, providers: list[str] | None =
 def ort_feed(session, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cast inputs to the dtypes the graph declares; a scalar input (optimum's UNet timestep)
     takes the first element."""
-    dtypes = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-    }
     feed = {}
     for spec in session.get_inputs():
-        value = inputs[spec.name].astype(dtypes.get(spec.type, np.float32))
+        value = inputs[spec.name].astype(NP_DTYPES.get(spec.type, np.float32))
         feed[spec.name] = value.reshape(-1)[:1].reshape(()) if len(spec.shape) == 0 else value
     return feed
 
 
 class OrtPipeline:
-    """A text-to-image pipeline in ONNX Runtime: text encoder -> `steps` DDIM steps with
-    classifier-free guidance (UNet at batch 2 per image) -> VAE decoder. Reads an exported
-    folder (ONNX or ORT format: `files` maps component -> model path inside it) with its
-    tokenizer and scheduler config, as diffusers' StableDiffusionPipeline would.
+    """An exported folder (ONNX or ORT format; `files` maps component -> model path inside it,
+    default optimum's `<component>/model.onnx`) loaded in ONNX Runtime with its tokenizer and a
+    DDIMScheduler from its scheduler config: the ONNX Runtime `Backend` of the sampler.
 
-    Initial latents come from one CPU torch.Generator seeded with `seed`, in prompt order, as
-    in `toolchain.runtime.pytorch.diffusers_generator`, so the images are comparable with PyTorch's.
-    `load_ms`: session creation of all three components (tokenizer and scheduler excluded).
-
-    A folder with a k-step generator schedule (`onestep.json`, finetune.mode=sfd) is sampled as
-    that generator: the UNet once per step at batch N, no guidance (`self.schedule`; `steps`
-    and `guidance_scale` are then ignored).
+    `pipe(prompts, seed, steps, guidance_scale)` samples through `toolchain.runtime.sampler.sample`
+    with classifier-free guidance always on (the UNet at batch 2 per image, whatever the scale);
+    a folder with a k-step generator schedule (`onestep.json`, finetune.mode=sfd) is sampled as that
+    generator. `load_ms`: session creation of the three components (tokenizer and scheduler
+    excluded); `provider`: the execution provider the UNet actually runs on. `unet_hook(feed)` is
+    called with every UNet feed, cast to the graph's dtypes, before it runs (int8 calibration).
     """
 
-    def __init__(self, folder: Path, files: dict[str, str], providers: list[str] | None = None, threads: int = 0):
+    def __init__(
+        self,
+        folder: Path,
+        files: dict[str, str] | None = None,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        unet_hook: Callable[[dict[str, np.ndarray]], None] | None = None,
+    ):
         import onnxruntime  # noqa: F401  (imported before the clock starts: load_ms is session creation)
+        import torch
         from diffusers import DDIMScheduler
         from transformers import CLIPTokenizer
 
+        from toolchain.runtime.schedule import read_schedule
+
+        folder, files = Path(folder), files or {c: f"{c}/model.onnx" for c in COMPONENTS}
         start = time.perf_counter()
         self.sessions, provided = {}, []
-        for component in ("text_encoder", "unet", "vae_decoder"):
-            session, provider = ort_session(folder / files[component], threads, providers)
-            self.sessions[component] = session
+        for component in COMPONENTS:
+            self.sessions[component], provider = ort_session(folder / files[component], threads, providers)
             provided.append(provider)
         self.load_ms = round((time.perf_counter() - start) * 1000.0, 3)
         self.provider = provided[1]  # the UNet's: where the time goes
+        self.unet_hook = unet_hook
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-        self.scheduler = DDIMScheduler.from_config(read_config(folder, "scheduler"))
         text = read_config(folder, "text_encoder")
         self.max_length = min(int(self.tokenizer.model_max_length), int(text.get("max_position_embeddings", 77)))
-        unet = read_config(folder, "unet")
+        self.scheduler = DDIMScheduler.from_config(read_config(folder, "scheduler"))
+        unet, vae = read_config(folder, "unet"), read_config(folder, "vae_decoder")
         size = unet["sample_size"]
         self.latent_shape = (unet["in_channels"], *((size, size) if isinstance(size, int) else size))
-        self.scaling_factor = float(read_config(folder, "vae_decoder").get("scaling_factor", 0.18215))
-        from toolchain.runtime.schedule import read_schedule
-
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        self.image_size = (self.latent_shape[1] * scale, self.latent_shape[2] * scale)
+        self.scaling_factor = float(vae.get("scaling_factor", 0.18215))
+        self.device, self.dtype = "cpu", torch.float32  # ONNX Runtime takes host arrays, whatever the provider
         self.schedule = read_schedule(folder)
 
-    def _encode(self, prompts: list[str]) -> np.ndarray:
+    def __call__(
+        self,
+        prompts: list[str],
+        seed: int,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> np.ndarray:
+        """Images (N, H, W, 3) in [0, 1], one per prompt."""
+        return sample(self, list(prompts), seed, steps, guidance_scale, batch_size)
+
+    def encode(self, prompts: list[str], guided: bool):
+        """last_hidden_state (2N or N, L, D) float32 of [""] * N + prompts (guided) or of prompts."""
+        import torch
+
+        text = [""] * len(prompts) + list(prompts) if guided else list(prompts)
         ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+            text, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
         ).input_ids
         session = self.sessions["text_encoder"]
-        return session.run(None, ort_feed(session, {"input_ids": ids}))[0]  # last_hidden_state (N, L, D)
+        hidden = session.run(["last_hidden_state"], ort_feed(session, {"input_ids": ids}))[0]
+        return torch.from_numpy(np.asarray(hidden, dtype=np.float32))
 
-    def __call__(self, prompts: list[str], seed: int, steps: int = 25, guidance_scale: float = 5.0) -> np.ndarray:
-        """Images (N, H, W, 3) in [0, 1], one per prompt; the UNet runs at batch 2N (batch N,
-        once per generator step, for a k-step generator)."""
+    def unet(self, sample, t, embeddings):
         import torch
 
-        if self.schedule is not None:
-            return self._generator_images(prompts, seed)
-        n = len(prompts)
-        embeddings = np.concatenate([self._encode([""] * n), self._encode(prompts)])  # uncond first, as diffusers
-        latents = torch.randn((n, *self.latent_shape), generator=torch.Generator("cpu").manual_seed(seed))
-        latents = latents * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(steps)
-        unet = self.sessions["unet"]
-        for t in self.scheduler.timesteps:
-            sample = self.scheduler.scale_model_input(torch.cat([latents, latents]), t).numpy()
-            feed = ort_feed(
-                unet,
-                {
-                    "sample": sample,
-                    "timestep": np.full((2 * n,), float(t), np.float32),
-                    "encoder_hidden_states": embeddings,
-                },
-            )
-            uncond, cond = np.split(unet.run(None, feed)[0], 2)
-            noise_pred = torch.from_numpy(uncond + guidance_scale * (cond - uncond))
-            latents = self.scheduler.step(noise_pred, t, latents).prev_sample
-        vae = self.sessions["vae_decoder"]
-        image = vae.run(None, ort_feed(vae, {"latent_sample": (latents / self.scaling_factor).numpy()}))[0]
-        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+        session = self.sessions["unet"]
+        inputs = {
+            "sample": sample.numpy(),
+            "timestep": np.full((len(sample),), float(t), np.float32),
+            "encoder_hidden_states": embeddings.numpy(),
+        }
+        feed = ort_feed(session, inputs)
+        if self.unet_hook is not None:
+            self.unet_hook(feed)
+        return torch.from_numpy(np.asarray(session.run(None, feed)[0], dtype=np.float32))
 
-    def _generator_images(self, prompts: list[str], seed: int) -> np.ndarray:
-        """The k-step generator (`toolchain.runtime.schedule.generator_sample`) with the UNet in ORT."""
+    def decode(self, latents):
         import torch
 
-        from toolchain.runtime.schedule import generator_noise, generator_sample
-
-        timesteps = self.schedule["timesteps"]
-        kind = self.schedule.get("prediction_type", self.scheduler.config.prediction_type)
-        z, noises = generator_noise(len(prompts), self.latent_shape, len(timesteps), seed)
-        unet = self.sessions["unet"]
-
-        def call(x_t, t, emb):
-            n = len(x_t)
-            feed = {
-                "sample": x_t.numpy(),
-                "timestep": np.full((n,), float(t), np.float32),
-                "encoder_hidden_states": emb,
-            }
-            return torch.from_numpy(np.asarray(unet.run(None, ort_feed(unet, feed))[0], dtype=np.float32))
-
-        x0 = generator_sample(call, z, noises, self._encode(prompts), timesteps, self.scheduler.alphas_cumprod, kind)
-        vae = self.sessions["vae_decoder"]
-        image = vae.run(None, ort_feed(vae, {"latent_sample": (x0 / self.scaling_factor).numpy()}))[0]
-        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+        session = self.sessions["vae_decoder"]
+        image = session.run(None, ort_feed(session, {"latent_sample": latents.numpy()}))[0]
+        return torch.from_numpy(np.asarray(image, dtype=np.float32))
 
 
 def ort_generator(
@@ -195,131 +191,25 @@ def ort_generator(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     providers: list[str] | None = None,
     threads: int = 0,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     unet_hook: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> Generator:
-    """A `benchmarks.leakage` generator over the ONNX folder `onnx_dir` (optimum's SD layout).
+    """A `Generator` over the ONNX folder `onnx_dir` (optimum's SD layout): `OrtPipeline` sampled
+    with these settings.
 
     providers: ONNX Runtime execution providers (default CPUExecutionProvider); threads: intra-op
-    threads per session (0 = ORT's default). batch_size: images per UNet call group (the UNet sees
+    threads per session (0 = ORT's default). batch_size: prompts per UNet call group (the UNet sees
     2x that). unet_hook(feed) is called with every UNet feed before it runs (calibration capture).
-    Graph input dtypes are read from the sessions, so fp16-io and int8 folders run unchanged.
-    A folder with a k-step generator schedule (`onestep.json`, finetune.mode=sfd) is sampled as
-    that generator (`toolchain.runtime.schedule.generator_sample`: the UNet once per step at batch N, no
-    guidance); `steps` and `guidance_scale` are then ignored.
+    A folder with a k-step generator schedule (`onestep.json`) is sampled as that generator;
+    `steps` and `guidance_scale` are then ignored.
     """
-    import onnxruntime as ort
-    import torch
-    from diffusers import DDIMScheduler
-    from transformers import CLIPTokenizer
-
     onnx_dir = Path(onnx_dir)
-    for name in ("text_encoder", "unet", "vae_decoder"):
+    for name in COMPONENTS:
         if not (onnx_dir / name / "model.onnx").is_file():
             raise FileNotFoundError(f"{onnx_dir}: no {name}/model.onnx; pass an ONNX export folder (optimum layout)")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = providers or ["CPUExecutionProvider"]
-    sessions = {
-        name: ort.InferenceSession(str(onnx_dir / name / "model.onnx"), options, providers=providers)
-        for name in ("text_encoder", "unet", "vae_decoder")
-    }
-    tokenizer = CLIPTokenizer.from_pretrained(onnx_dir / "tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(onnx_dir / "scheduler")
-    unet_config = json.loads((onnx_dir / "unet" / "config.json").read_text())
-    vae_config = json.loads((onnx_dir / "vae_decoder" / "config.json").read_text())
-    latent_size = unet_config["sample_size"]
-    latent_hw = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
-    latent_channels = unet_config["in_channels"]
-    scaling_factor = vae_config.get("scaling_factor", 0.18215)
-    dtypes = {
-        name: {i.name: NP_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
-        for name, session in sessions.items()
-    }
-    scalar_timestep = len(next(i for i in sessions["unet"].get_inputs() if i.name == "timestep").shape) == 0
-    from toolchain.runtime.schedule import generator_noise, generator_sample, read_schedule
-
-    schedule = read_schedule(onnx_dir)
-
-    def encode(prompts: list[str]) -> np.ndarray:
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-        ).input_ids
-        feed = {"input_ids": ids.astype(dtypes["text_encoder"]["input_ids"])}
-        return np.asarray(sessions["text_encoder"].run(["last_hidden_state"], feed)[0], dtype=np.float32)
-
-    def draw(prompts: list[str], latents: np.ndarray) -> np.ndarray:
-        n = len(prompts)
-        hidden = encode([""] * n + list(prompts))  # [unconditional; conditional], as diffusers orders them
-        scheduler.set_timesteps(steps)
-        latents = torch.from_numpy(latents) * scheduler.init_noise_sigma
-        unet_types = dtypes["unet"]
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            timestep = np.array(float(t), dtype=unet_types["timestep"])
-            feed = {
-                "sample": model_input.numpy().astype(unet_types["sample"]),
-                "timestep": timestep if scalar_timestep else np.full((2 * n,), timestep, unet_types["timestep"]),
-                "encoder_hidden_states": hidden.astype(unet_types["encoder_hidden_states"]),
-            }
-            if unet_hook is not None:
-                unet_hook(feed)
-            noise = torch.from_numpy(np.asarray(sessions["unet"].run(None, feed)[0], dtype=np.float32))
-            uncond, cond = noise.chunk(2)
-            guided = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        feed = {"latent_sample": (latents.numpy() / scaling_factor).astype(dtypes["vae_decoder"]["latent_sample"])}
-        image = np.asarray(sessions["vae_decoder"].run(None, feed)[0], dtype=np.float32)
-        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-
-    def unet_call(x_t: torch.Tensor, t: int, hidden: np.ndarray) -> torch.Tensor:
-        unet_types = dtypes["unet"]
-        timestep = np.array(float(t), dtype=unet_types["timestep"])
-        feed = {
-            "sample": x_t.numpy().astype(unet_types["sample"]),
-            "timestep": timestep if scalar_timestep else np.full((len(x_t),), timestep, unet_types["timestep"]),
-            "encoder_hidden_states": hidden.astype(unet_types["encoder_hidden_states"]),
-        }
-        if unet_hook is not None:
-            unet_hook(feed)
-        return torch.from_numpy(np.asarray(sessions["unet"].run(None, feed)[0], dtype=np.float32))
-
-    def draw_generator(prompts: list[str], z: torch.Tensor, noises: torch.Tensor) -> np.ndarray:
-        kind = schedule.get("prediction_type", scheduler.config.prediction_type)
-        x0 = generator_sample(
-            unet_call, z, noises, encode(list(prompts)), schedule["timesteps"], scheduler.alphas_cumprod, kind
-        )
-        feed = {"latent_sample": (x0.numpy() / scaling_factor).astype(dtypes["vae_decoder"]["latent_sample"])}
-        image = np.asarray(sessions["vae_decoder"].run(None, feed)[0], dtype=np.float32)
-        return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    pipe = OrtPipeline(onnx_dir, None, providers, threads, unet_hook)
 
     def generate(prompts: list[str], seed: int) -> np.ndarray:
-        shape = (len(prompts), latent_channels, *latent_hw)
-        if schedule is not None and prompts:
-            z, noises = generator_noise(len(prompts), shape[1:], len(schedule["timesteps"]), seed)
-            return np.concatenate(
-                [
-                    draw_generator(prompts[i : i + batch_size], z[i : i + batch_size], noises[:, i : i + batch_size])
-                    for i in range(0, len(prompts), batch_size)
-                ]
-            ).astype(np.float32)
-        latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32).numpy()
-        out = [
-            draw(prompts[start : start + batch_size], latents[start : start + batch_size])
-            for start in range(0, len(prompts), batch_size)
-        ]
-        if not out:
-            scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-            return np.zeros((0, latent_hw[0] * scale, latent_hw[1] * scale, 3), np.float32)
-        return np.concatenate(out).astype(np.float32)
+        return pipe(prompts, seed, steps, guidance_scale, batch_size)
 
     return generate
-
-
-NP_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}

@@ -11,6 +11,7 @@ Runtime (ONNX and ORT format), all in this one process so ratios are comparable;
 end for every exported pipeline; load time apart. Peak RSS of the deliverable per component and
 per image in a fresh child process (benchmarks/memory.py). Everything under one device profile
 (configs/devices/*.yaml: threads, providers, memory budget). Plots (PNG) beside report.json.
+Every image is drawn by the runtime's sampler (toolchain/runtime/); this stage only times and judges.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from toolchain.artifact import Artifact
 from toolchain.config import AttackConfig, BenchmarkConfig, BenchmarkSettings, load_concept
@@ -27,6 +29,25 @@ JUDGE_FILE = "judge.json"  # a model folder may name the judge that scores its i
 
 
 RUNTIMES = {"diffusers": "torch", "onnx": "onnxruntime", "ort": "ort", "coreml": "coreml"}  # artifact kind -> runtime
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """Where and how this run measures: the benchmark config and the device profile resolved."""
+
+    cfg: BenchmarkConfig
+    device: object  # toolchain.device_config.DeviceProfile
+    providers: list[str]
+    threads: int
+    torch_device: str
+    runtimes: set[str] | None
+
+    @property
+    def tag(self) -> dict:
+        return {"profile": self.device.name, "emulated": self.device.emulated}
+
+    def measured(self, artifact: Artifact) -> bool:
+        return self.runtimes is None or RUNTIMES.get(artifact.kind) in self.runtimes
 
 
 def run(
@@ -45,36 +66,52 @@ def run(
     device = load_device_profile(profile or getattr(cfg, "profile", None))  # a bad profile fails before any work
     import torch
 
-    from benchmarks.latency import composed_image_latency, machine_info, ort_latency, time_callable, torch_unet_latency
-    from benchmarks.memory import cuda_peak_bytes, measure
-    from benchmarks.plots import write_plots
-    from benchmarks.report import write_report
-    from toolchain.models.io import load_unet
-    from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_session
-    from toolchain.runtime.schedule import read_schedule
-
     threads = device.threads or cfg.threads
     if threads:
         torch.set_num_threads(threads)
     providers, missing = device.resolve_providers()
     torch_device = "cuda" if device.torch_device == "cuda" and torch.cuda.is_available() else "cpu"
-    tag = {"profile": device.name, "emulated": device.emulated}
+    bench = _Bench(cfg, device, providers, threads, torch_device, runtimes)
     chain = ctx.chain
-    torch_stages = [a for a in chain if a.kind == "diffusers"]
     exported = [a for a in chain if a.kind in ("onnx", "ort")]
+    warnings = _warnings(chain, erase, bench, missing)
+    evaluation = _evaluation_plan(chain[0], erase, cfg)
+    stages, per_label, per_label_n, samples = _judge_stages(chain, evaluation, bench)
+    _attack_stages(chain, stages, evaluation, settings.attack, cfg, _pipeline_files, providers, threads)
 
-    def measured(artifact: Artifact) -> bool:
-        return runtimes is None or RUNTIMES.get(artifact.kind) in runtimes
+    pipeline_dir = [a for a in chain if a.kind == "diffusers"][-1].files
+    latency, memory = _torch_latency(chain, pipeline_dir, bench)
+    memory_rows, memory_specs = [], []
+    for artifact in [a for a in exported if bench.measured(a)]:
+        rows, mem_rows, specs = _exported_latency(artifact, artifact is exported[-1], pipeline_dir, bench)
+        latency += rows
+        memory_rows += mem_rows
+        memory_specs += specs
+    memory += _peak_memory(memory_rows, memory_specs, device, warnings)
 
-    latency, memory, warnings = [], [], []
+    report = _report(settings, chain, bench, stages, latency, memory, warnings, evaluation)
+    if per_label:
+        report["per_label_accuracy"] = per_label
+        report["per_label_n"] = per_label_n
+    from benchmarks.plots import write_plots
+    from benchmarks.report import write_report
+
+    report["plots"] = write_plots(report, samples, ctx.out_dir)
+    write_report(report, ctx.out_dir)
+    return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
+
+
+def _warnings(chain: list[Artifact], erase: list[str], bench: _Bench, missing: list[str]) -> list[str]:
+    """What the reader must know before trusting the numbers: a fallback provider or device, a
+    format measured by its spec only, erased concepts no stage removed."""
+    device, warnings = bench.device, []
     if missing:
         warnings.append(
             f"device profile {device.name} wants {', '.join(missing)}, which this onnxruntime build lacks; "
-            f"ONNX Runtime ran on {providers[0]} (fallback {device.fallback_provider})"
+            f"ONNX Runtime ran on {bench.providers[0]} (fallback {device.fallback_provider})"
         )
-    if device.torch_device == "cuda" and torch_device == "cpu":
+    if device.torch_device == "cuda" and bench.torch_device == "cpu":
         warnings.append(f"device profile {device.name} wants CUDA but torch sees no GPU; the PyTorch rows ran on CPU")
-    evaluation = _evaluation_plan(chain[0], erase, cfg)
     if any(a.kind == "coreml" and not a.metrics.get("prediction_checked") for a in chain):
         warnings.append(
             "Core ML prediction needs macOS: the .mlpackage files were checked by their spec only; "
@@ -88,10 +125,21 @@ def run(
             "no unlearning stage ran (finetune.enabled=true with an unlearning mode, or concept_prune.enabled=true): "
             "the erased concepts are measured, not removed"
         )
+    return warnings
 
-    def pipeline_files(artifact: Artifact) -> dict[str, str]:
-        files = {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
-        return files if {"text_encoder", "unet", "vae_decoder"} <= set(files) else {}
+
+def _pipeline_files(artifact: Artifact) -> dict[str, str]:
+    """component -> model path of an exported artifact holding a whole pipeline, else {}."""
+    files = {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
+    return files if {"text_encoder", "unet", "vae_decoder"} <= set(files) else {}
+
+
+def _judge_stages(chain: list[Artifact], evaluation: dict | None, bench: _Bench):
+    """One report.json stage entry per artifact, judged where a judge applies: every PyTorch stage,
+    and every exported (and quantized) model run through ONNX Runtime as the app would run it
+    (quantization is known to bring erased concepts back). Returns (stages, per-label accuracy,
+    per-label image counts, sample images) keyed by stage name."""
+    from toolchain.runtime.ort import OrtPipeline
 
     stages, per_label, per_label_n, samples = [], {}, {}, {}
     for artifact in chain:
@@ -103,30 +151,40 @@ def run(
             "size_bytes": int(artifact.metrics.get("size_bytes", 0)),
             "wall_s": artifact.metrics.get("wall_s"),
         }
-        # every PyTorch stage, and every exported (and quantized) model run through ONNX Runtime
-        # as the app would run it: quantization is known to bring erased concepts back
-        files = pipeline_files(artifact) if artifact in exported else {}
-        if evaluation and measured(artifact) and (artifact.kind == "diffusers" or files):
-            ort_pipe = OrtPipeline(artifact.path, files, providers, threads) if files else None
-            scores, judged, samples[artifact.stage] = _evaluate(artifact, evaluation, cfg, ort_pipe)
+        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort") else {}
+        if evaluation and bench.measured(artifact) and (artifact.kind == "diffusers" or files):
+            ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads) if files else None
+            scores, judged, samples[artifact.stage] = _evaluate(artifact, evaluation, bench.cfg, ort_pipe)
             entry.update(judged)
             per_label[artifact.stage] = scores.per_label_accuracy
             per_label_n[artifact.stage] = scores.per_label_n
             del ort_pipe
         stages.append(entry)
-    _attack_stages(chain, stages, evaluation, settings.attack, cfg, pipeline_files, providers, threads)
+    return stages, per_label, per_label_n, samples
 
-    pipeline_dir = torch_stages[-1].files
+
+def _torch_latency(chain: list[Artifact], pipeline_dir, bench: _Bench) -> tuple[list[dict], list[dict]]:
+    """UNet latency in PyTorch of the source and of the last PyTorch stage (load time apart), and
+    its CUDA peak memory on a GPU; returns (latency rows, memory rows)."""
+    import torch
+
+    from benchmarks.latency import torch_unet_latency
+    from benchmarks.memory import cuda_peak_bytes
+    from toolchain.models.io import load_unet
+    from toolchain.runtime.ort import component_inputs
+
+    cfg, latency, memory = bench.cfg, [], []
+    torch_stages = [a for a in chain if a.kind == "diffusers"]
     unet_inputs = component_inputs(pipeline_dir, "unet", cfg.batch, cfg.seed)
-    timed_torch = (torch_stages[0], torch_stages[-1]) if len(torch_stages) > 1 else torch_stages[:1]
-    for artifact in [a for a in timed_torch if measured(a)]:
+    timed = (torch_stages[0], torch_stages[-1]) if len(torch_stages) > 1 else torch_stages[:1]
+    for artifact in [a for a in timed if bench.measured(a)]:
         start = time.perf_counter()
         unet = load_unet(artifact.files / "unet")
         load_ms = round((time.perf_counter() - start) * 1000.0, 3)
-        timing = torch_unet_latency(unet, unet_inputs, cfg.warmup, cfg.repeats, device=torch_device)
-        row = {"runtime": "torch", **tag, "stage": artifact.stage, "component": "unet", "batch": cfg.batch}
-        latency.append({**row, "provider": torch_device, "load_ms": load_ms, **timing})
-        if torch_device == "cuda":
+        timing = torch_unet_latency(unet, unet_inputs, cfg.warmup, cfg.repeats, device=bench.torch_device)
+        row = {"runtime": "torch", **bench.tag, "stage": artifact.stage, "component": "unet", "batch": cfg.batch}
+        latency.append({**row, "provider": bench.torch_device, "load_ms": load_ms, **timing})
+        if bench.torch_device == "cuda":
             import numpy as np
 
             args = {k: torch.from_numpy(np.asarray(v)).to("cuda") for k, v in unet_inputs.items()}
@@ -137,96 +195,77 @@ def run(
 
             memory.append({**row, "provider": "cuda", "cuda_peak_bytes": cuda_peak_bytes(forward)})
         del unet
+    return latency, memory
 
-    memory_specs, memory_rows = [], []
-    for artifact in [a for a in exported if measured(a)]:
-        runtime = RUNTIMES[artifact.kind]
-        component_rows = []
-        for component, info in artifact.metrics.get("files", {}).items():
-            start = time.perf_counter()
-            session, provider = ort_session(artifact.path / info["path"], threads, providers)
-            load_ms = round((time.perf_counter() - start) * 1000.0, 3)
-            inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
-            timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
-            batch = int(next(iter(inputs.values())).shape[0])
-            row = {"runtime": runtime, **tag, "stage": artifact.stage, "component": component, "batch": batch}
-            component_rows.append({**row, "provider": provider, "load_ms": load_ms, **timing})
-            memory_rows.append(row)
-            memory_specs.append(
-                (
-                    "benchmarks.memory:ort_component",
-                    {
-                        "model_path": str(artifact.path / info["path"]),
-                        "component": component,
-                        "pipeline_dir": str(pipeline_dir),
-                        "batch": cfg.batch,
-                        "providers": providers,
-                        "threads": threads,
-                        "seed": cfg.seed,
-                    },
-                )
-            )
-            del session
-        latency += component_rows
-        image_row = {"runtime": runtime, **tag, "stage": artifact.stage, "component": "image", "batch": 2}
-        # a k-step generator (finetune.mode=sfd) runs k unguided UNet calls per image: composed from
-        # the batch-2 UNet row it is an upper bound; the measured row runs it as it is
-        generator = read_schedule(artifact.path)
-        steps = len(generator["timesteps"]) if generator else cfg.eval_steps
-        if generator:
-            image_row.update(batch=1, generator_steps=steps)
-        composed = composed_image_latency(component_rows, steps)
-        if composed is not None:
-            latency.append(
-                {
-                    **image_row,
-                    "method": "composed",
-                    "steps": steps,
-                    "provider": component_rows[0]["provider"],
-                    **composed,
-                }
-            )
-        files = pipeline_files(artifact)
-        if files:
-            ort_pipe = OrtPipeline(artifact.path, files, providers, threads)
-            timing = time_callable(
-                lambda pipe=ort_pipe: pipe(["a photo"], cfg.seed, cfg.eval_steps, cfg.guidance_scale),
-                warmup=min(cfg.warmup, 1),
-                repeats=max(1, min(cfg.repeats, 5)),
-            )
-            latency.append(
-                {
-                    **image_row,
-                    "method": "measured",
-                    "steps": steps,
-                    "guidance_scale": cfg.guidance_scale,
-                    "provider": ort_pipe.provider,
-                    "load_ms": ort_pipe.load_ms,
-                    **timing,
-                }
-            )
-            del ort_pipe
-        if files and artifact is exported[-1]:  # peak memory of the deliverable only
-            memory_rows.append({**image_row, "steps": cfg.eval_steps})
-            memory_specs.append(
-                (
-                    "benchmarks.memory:ort_image",
-                    {
-                        "folder": str(artifact.path),
-                        "files": files,
-                        "providers": providers,
-                        "threads": threads,
-                        "steps": cfg.eval_steps,
-                        "guidance_scale": cfg.guidance_scale,
-                    },
-                )
-            )
-    for row, measured in zip(memory_rows, measure(memory_specs), strict=True):
+
+def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench: _Bench):
+    """Latency of every component of an exported artifact in ONNX Runtime, and of a whole image
+    composed from them and measured end to end through the runtime's sampler. Returns (latency
+    rows, memory rows, memory specs): each component's peak RSS, and the whole image's for the
+    deliverable (the last exported artifact) only."""
+    from benchmarks.latency import composed_image_latency, ort_latency, time_callable
+    from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_session
+    from toolchain.runtime.schedule import read_schedule
+
+    cfg, runtime = bench.cfg, RUNTIMES[artifact.kind]
+    component_rows, memory_rows, memory_specs = [], [], []
+    for component, info in artifact.metrics.get("files", {}).items():
+        start = time.perf_counter()
+        session, provider = ort_session(artifact.path / info["path"], bench.threads, bench.providers)
+        load_ms = round((time.perf_counter() - start) * 1000.0, 3)
+        inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
+        timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
+        batch = int(next(iter(inputs.values())).shape[0])
+        row = {"runtime": runtime, **bench.tag, "stage": artifact.stage, "component": component, "batch": batch}
+        component_rows.append({**row, "provider": provider, "load_ms": load_ms, **timing})
+        memory_rows.append(row)
+        spec = {"model_path": str(artifact.path / info["path"]), "component": component}
+        spec.update(pipeline_dir=str(pipeline_dir), batch=cfg.batch, providers=bench.providers)
+        memory_specs.append(("benchmarks.memory:ort_component", {**spec, "threads": bench.threads, "seed": cfg.seed}))
+        del session
+    rows = list(component_rows)
+    image_row = {"runtime": runtime, **bench.tag, "stage": artifact.stage, "component": "image", "batch": 2}
+    # a k-step generator (finetune.mode=sfd) runs k unguided UNet calls per image: composed from
+    # the batch-2 UNet row it is an upper bound; the measured row runs it as it is
+    generator = read_schedule(artifact.path)
+    steps = len(generator["timesteps"]) if generator else cfg.eval_steps
+    if generator:
+        image_row.update(batch=1, generator_steps=steps)
+    composed = composed_image_latency(component_rows, steps)
+    if composed is not None:
+        provider = component_rows[0]["provider"]
+        rows.append({**image_row, "method": "composed", "steps": steps, "provider": provider, **composed})
+    files = _pipeline_files(artifact)
+    if files:
+        ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads)
+        timing = time_callable(
+            lambda pipe=ort_pipe: pipe(["a photo"], cfg.seed, cfg.eval_steps, cfg.guidance_scale),
+            warmup=min(cfg.warmup, 1),
+            repeats=max(1, min(cfg.repeats, 5)),
+        )
+        how = {"method": "measured", "steps": steps, "guidance_scale": cfg.guidance_scale}
+        rows.append({**image_row, **how, "provider": ort_pipe.provider, "load_ms": ort_pipe.load_ms, **timing})
+        del ort_pipe
+    if files and deliverable:  # peak memory of the deliverable only
+        memory_rows.append({**image_row, "steps": cfg.eval_steps})
+        spec = {"folder": str(artifact.path), "files": files, "providers": bench.providers, "threads": bench.threads}
+        spec.update(steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)
+        memory_specs.append(("benchmarks.memory:ort_image", spec))
+    return rows, memory_rows, memory_specs
+
+
+def _peak_memory(memory_rows: list[dict], memory_specs: list, device, warnings: list[str]) -> list[dict]:
+    """Peak RSS of every spec, each in a fresh child process (benchmarks/memory.py), checked against
+    the device profile's memory budget; an over-budget row adds a warning."""
+    from benchmarks.memory import measure
+
+    memory = []
+    for row, result in zip(memory_rows, measure(memory_specs), strict=True):
         entry = {
             **row,
-            "provider": measured["result"],
-            "peak_rss_bytes": measured["peak_rss_bytes"],
-            "runtime_rss_bytes": measured["runtime_rss_bytes"],
+            "provider": result["result"],
+            "peak_rss_bytes": result["peak_rss_bytes"],
+            "runtime_rss_bytes": result["runtime_rss_bytes"],
         }
         if device.memory_budget_bytes:
             entry["memory_budget_bytes"] = device.memory_budget_bytes
@@ -238,15 +277,22 @@ def run(
                     f"{device.memory_budget_bytes / 2**20:.0f} MiB"
                 )
         memory.append(entry)
+    return memory
 
+
+def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, memory, warnings, evaluation) -> dict:
+    """report.json's body (DESIGN.md's contract), keys in their committed order."""
+    from benchmarks.latency import machine_info
+
+    device, exported = bench.device, [a for a in chain if a.kind in ("onnx", "ort")]
     report = {
         "model": {
             "source": str(chain[0].files),
             "target": settings.target,
             "recipe": settings.recipe,
-            "erase": erase,
+            "erase": list(settings.erase),
         },
-        "device_profile": {**device.to_report(), "threads_used": threads, "providers_used": providers},
+        "device_profile": {**device.to_report(), "threads_used": bench.threads, "providers_used": bench.providers},
         "machine": machine_info(),
         "stages": stages,
         "latency": latency,
@@ -261,12 +307,7 @@ def run(
         report["judge"] = judge.describe() if hasattr(judge, "describe") else {"judge": judge.name}
     if any(m.get("over_budget") for m in memory):
         report["over_budget"] = True
-    if per_label:
-        report["per_label_accuracy"] = per_label
-        report["per_label_n"] = per_label_n
-    report["plots"] = write_plots(report, samples, ctx.out_dir)
-    write_report(report, ctx.out_dir)
-    return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
+    return report
 
 
 def _evaluation_plan(source: Artifact, erase: list[str], cfg: BenchmarkConfig) -> dict | None:
@@ -376,7 +417,7 @@ def _share(key: str, share: float, n: int) -> dict:
 def _attack_stages(
     chain, stages, evaluation, acfg: AttackConfig, cfg: BenchmarkConfig, pipeline_files, providers, threads
 ):
-    """White-box attacks per stage (`attack` section, toolchain/attacks.py), merged into each
+    """White-box attacks per stage (`attack` section, toolchain/attacks/), merged into each
     stage entry's `attack.<label>`: on every PyTorch stage the prefix attack and concept inversion
     run against that stage's model (`attacked_on` = the stage itself); every exported model runs
     the prompts found on the last PyTorch stage before it (`attacked_on` names that stage; the

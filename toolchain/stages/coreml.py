@@ -18,7 +18,7 @@ from toolchain.models.io import load_pipeline
 def run(source: Artifact, cfg: CoreMLConfig, ctx) -> Artifact:
     from export.coreml import export_coreml
     from export.validate import ParityError
-    from toolchain.pipeline import GateError
+    from toolchain.errors import GateError
 
     pipe = load_pipeline(source.files)
     try:

@@ -14,8 +14,8 @@ from toolchain.models.io import load_pipeline
 def run(source: Artifact, cfg: ExportConfig, ctx) -> Artifact:
     from export.onnx import export_onnx
     from export.validate import ParityError
+    from toolchain.errors import GateError
     from toolchain.models.io import component_params
-    from toolchain.pipeline import GateError
 
     pipe = load_pipeline(source.files)
     try:

@@ -12,7 +12,7 @@ from toolchain.artifact import Artifact, folder_size
 def run(source: Artifact, optimization_style: str, ctx) -> Artifact:
     from export.ort import convert_to_ort
     from export.validate import ParityError
-    from toolchain.pipeline import GateError
+    from toolchain.errors import GateError
 
     try:
         result = convert_to_ort(source.files, ctx.out_dir, optimization_style=optimization_style, progress=ctx.progress)

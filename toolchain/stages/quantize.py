@@ -14,83 +14,27 @@ import shutil
 
 from toolchain.artifact import Artifact, folder_size
 from toolchain.config import QuantizeConfig, QuantizeSettings
+from toolchain.errors import GateError
 
 PARITY_PROMPTS = 2  # prompts of the held-out parity trajectory (a UNet feed of batch 4)
 
 
 def run(source: Artifact, settings: QuantizeSettings, ctx) -> Artifact:
-    from export.onnx_fp16 import convert_onnx_folder_fp16
-    from export.quantize import collect_unet_calibration, quantize_onnx_folder
     from export.validate import ParityError
-    from toolchain.pipeline import GateError
 
     cfg = settings.quantize
     if not (cfg.enabled or cfg.fp16):
         raise ValueError("stage quantize runs only with quantize.enabled=true or quantize.fp16=true")
     src = source.files
     exported = sorted(p.parent.name for p in src.glob("*/model.onnx"))
-    missing = sorted(set(cfg.components) - set(exported)) if cfg.enabled else []
-    if missing:
-        raise GateError(
-            f"quantize.components {missing} were not exported (exported: {exported}); "
-            "add them to export.components or drop them from quantize.components"
-        )
-    int8 = list(cfg.components) if cfg.enabled else []
+    int8 = _int8_components(cfg, exported)
     records = {"int8": {}, "fp16_components": []}
     metrics = {"parity": [], "files": {}}
     try:
         if cfg.fp16:  # first, so the int8 files copied over it below are the last word
-            rest = [c for c in exported if c not in int8]
-            if rest:
-                result = convert_onnx_folder_fp16(src, ctx.out_dir, components=rest, progress=ctx.progress)
-                metrics["parity"] += result["parity"]
-                metrics["files"].update(result["files"])
-                records["fp16_components"] = rest
+            records["fp16_components"] = _convert_fp16(src, [c for c in exported if c not in int8], metrics, ctx)
         if int8:
-            calibration, parity_inputs = None, {}
-            if cfg.mode == "static":
-                calibration = {}
-                prompts = _calibration_prompts(cfg, list(settings.erase))
-                for name in int8:
-                    if name != "unet":
-                        raise GateError(
-                            f"quantize.mode=static calibrates the UNet only; {name!r} needs quantize.mode=dynamic "
-                            "or quantize.components=[unet]"
-                        )
-                    calibration["unet"] = collect_unet_calibration(
-                        src,
-                        prompts,
-                        steps=cfg.calibration_steps,
-                        guidance_scale=cfg.calibration_guidance_scale,
-                        seed=cfg.calibration_seed,
-                        n=cfg.calibration_feeds,
-                    )
-                    parity_inputs["unet"] = held_out_feed(src, prompts, cfg)
-            scratch = ctx.out_dir / ".int8"
-            result = quantize_onnx_folder(
-                src,
-                scratch,
-                mode=cfg.mode,
-                components=int8,
-                per_channel=cfg.per_channel,
-                op_types=list(cfg.op_types) or None,
-                weight_type=cfg.weight_type,
-                quant_format=cfg.quant_format if cfg.mode == "static" else "QOperator",
-                calibration=calibration,
-                nodes_to_exclude=tuple(cfg.exclude_nodes),
-                psnr_floor_db=cfg.psnr_floor_db,
-                parity_inputs=parity_inputs or None,
-                progress=ctx.progress,
-            )
-            if not records["fp16_components"]:  # nothing written yet: take the whole folder
-                shutil.copytree(scratch, ctx.out_dir, dirs_exist_ok=True)
-            else:
-                for name in int8:
-                    shutil.copytree(scratch / name, ctx.out_dir / name, dirs_exist_ok=True)
-            shutil.rmtree(scratch)
-            metrics["parity"] += result["parity"]
-            metrics["files"].update(result["files"])
-            records["int8"] = result["quantization"]
+            records["int8"] = _quantize_int8(src, int8, settings, records["fp16_components"], metrics, ctx)
     except ParityError as exc:
         raise GateError(str(exc)) from exc
     for name in exported:  # components neither quantized nor converted stay as exported
@@ -104,6 +48,91 @@ def run(source: Artifact, settings: QuantizeSettings, ctx) -> Artifact:
         records=records,
         metrics={**metrics, "params": dict(source.metrics.get("params", {})), "size_bytes": folder_size(ctx.out_dir)},
     )
+
+
+def _int8_components(cfg: QuantizeConfig, exported: list[str]) -> list[str]:
+    """The components to quantize to int8 ([] unless quantize.enabled); all must have been exported."""
+    missing = sorted(set(cfg.components) - set(exported)) if cfg.enabled else []
+    if missing:
+        raise GateError(
+            f"quantize.components {missing} were not exported (exported: {exported}); "
+            "add them to export.components or drop them from quantize.components"
+        )
+    return list(cfg.components) if cfg.enabled else []
+
+
+def _convert_fp16(src, components: list[str], metrics: dict, ctx) -> list[str]:
+    """Write `components` fp16 into the stage folder, each behind its parity gate; adds their
+    parity and files to `metrics` and returns the components converted."""
+    from export.onnx_fp16 import convert_onnx_folder_fp16
+
+    if not components:
+        return []
+    result = convert_onnx_folder_fp16(src, ctx.out_dir, components=components, progress=ctx.progress)
+    metrics["parity"] += result["parity"]
+    metrics["files"].update(result["files"])
+    return components
+
+
+def _quantize_int8(src, int8: list[str], settings: QuantizeSettings, fp16_written: list[str], metrics: dict, ctx):
+    """Quantize `int8` behind the PSNR gate in a scratch folder, then move them into the stage
+    folder (the whole folder when no fp16 component was written there first, else only `int8`).
+    Adds their parity and files to `metrics`; returns the quantization record."""
+    from export.quantize import quantize_onnx_folder
+
+    cfg = settings.quantize
+    calibration, parity_inputs = None, {}
+    if cfg.mode == "static":
+        calibration, parity_inputs = _static_calibration(src, int8, cfg, list(settings.erase))
+    scratch = ctx.out_dir / ".int8"
+    result = quantize_onnx_folder(
+        src,
+        scratch,
+        mode=cfg.mode,
+        components=int8,
+        per_channel=cfg.per_channel,
+        op_types=list(cfg.op_types) or None,
+        weight_type=cfg.weight_type,
+        quant_format=cfg.quant_format if cfg.mode == "static" else "QOperator",
+        calibration=calibration,
+        nodes_to_exclude=tuple(cfg.exclude_nodes),
+        psnr_floor_db=cfg.psnr_floor_db,
+        parity_inputs=parity_inputs or None,
+        progress=ctx.progress,
+    )
+    if not fp16_written:  # nothing written yet: take the whole folder
+        shutil.copytree(scratch, ctx.out_dir, dirs_exist_ok=True)
+    else:
+        for name in int8:
+            shutil.copytree(scratch / name, ctx.out_dir / name, dirs_exist_ok=True)
+    shutil.rmtree(scratch)
+    metrics["parity"] += result["parity"]
+    metrics["files"].update(result["files"])
+    return result["quantization"]
+
+
+def _static_calibration(src, int8: list[str], cfg: QuantizeConfig, erase: list[str]) -> tuple[dict, dict]:
+    """Static int8's calibration feeds and held-out parity feed per component (the UNet only)."""
+    from export.quantize import collect_unet_calibration
+
+    calibration, parity_inputs = {}, {}
+    prompts = _calibration_prompts(cfg, erase)
+    for name in int8:
+        if name != "unet":
+            raise GateError(
+                f"quantize.mode=static calibrates the UNet only; {name!r} needs quantize.mode=dynamic "
+                "or quantize.components=[unet]"
+            )
+        calibration["unet"] = collect_unet_calibration(
+            src,
+            prompts,
+            steps=cfg.calibration_steps,
+            guidance_scale=cfg.calibration_guidance_scale,
+            seed=cfg.calibration_seed,
+            n=cfg.calibration_feeds,
+        )
+        parity_inputs["unet"] = held_out_feed(src, prompts, cfg)
+    return calibration, parity_inputs
 
 
 def held_out_feed(src, prompts: list[str], cfg: QuantizeConfig):

@@ -9,7 +9,8 @@ of forget prompts:
 - `student(x_t, t, emb) -> (B, C, h, w)`: the pruned UNet being trained (gradients flow).
 - `teacher(x_t, t, emb) -> (B, C, h, w)`: the frozen unpruned UNet (called under no_grad).
 - `batch`: a `ForgetBatch` of noised latents and prompt embeddings (shapes below).
-- `settings`: the `FinetuneConfig` (objective-specific knobs: `esd_eta`, `abo_beta`, ...).
+- `settings`: the objective's own sub-config (`FinetuneConfig.objective_settings`: `EsdConfig`,
+  `AllButOneConfig`, `EraseDiffConfig`; None for objectives without knobs).
 
 All outputs are in the model's own prediction space (epsilon or v). Which parameters an
 upper step may change is chosen by `trainable_parameters(unet, subset)`.

@@ -5,7 +5,7 @@ unconditional score where the teacher has it:
 
     L = MSE(S(x_t, c_tgt) − S(x_t, ∅), sg[T(x_t, c_rep) − T(x_t, ∅)]) + β·MSE(S(x_t, ∅), sg[T(x_t, ∅)])
 
-c_rep = `ConceptConfig.anchor_prompt`, β = `abo_beta` (1.0; the paper leaves it open).
+c_rep = `ConceptConfig.anchor_prompt`, β = `finetune.all_but_one.beta` (1.0; the paper leaves it open).
 """
 
 from __future__ import annotations
@@ -24,4 +24,4 @@ def all_but_one_loss(student, teacher, batch: ForgetBatch, settings) -> torch.Te
     s_uncond = student(batch.x_t, batch.t, batch.uncond).float()
     s_cond = student(batch.x_t, batch.t, batch.cond).float()
     guidance = F.mse_loss(s_cond - s_uncond, t_rep - t_uncond)
-    return guidance + settings.abo_beta * F.mse_loss(s_uncond, t_uncond)
+    return guidance + settings.beta * F.mse_loss(s_uncond, t_uncond)

@@ -6,15 +6,15 @@ Forget loss ("EraseDiff_rl" variant, the one the SD scripts ship):
 
 The constrained problem `min L_r  s.t.  L_f − min L_f ≤ 0` is solved by the finetune stage's
 upper step (`toolchain.stages.finetune`), first order: the step direction is ∇L_r + λ·∇q with
-q = L_f − L_f*, L_r = the ordinary denoising loss on the retain batch and λ = `erasediff_lambda`,
+q = L_f − L_f*, L_r = the ordinary denoising loss on the retain batch and λ = `finetune.erasediff.lambda_bome`,
 fixed, 0.1 by default as the authors' `lambda_bome` (sd/train_scripts/erasediff.py). The cosine-based
 "adaptive" λ (max(η − cos(∇L_r, ∇q), 0)) this project used to offer is not in the paper and not in
 the authors' SD scripts (only in their CIFAR-10 DDPM runner, for a negative `lambda_bome`, noted
 there as departing from BOME), so it was removed (BOME's own adaptive multiplier, which EraseDiff's
 algorithm cites, is what `finetune.mode=bilevel-penalty` uses for the distillation constraint). L_f* (a K-step
-estimate of min L_f on a copy, `erasediff_inner_steps`; the authors average the forget loss over
+estimate of min L_f on a copy, `finetune.erasediff.inner_steps`; the authors average the forget loss over
 their K steps) is a constant, so it changes q's value but never the step; it is only estimated
-when `erasediff_inner_steps` > 0, for the log.
+when `finetune.erasediff.inner_steps` > 0, for the log.
 """
 
 from __future__ import annotations

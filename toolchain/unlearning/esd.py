@@ -1,8 +1,8 @@
 """ESD (Gandikota et al., `rohitgandikota/erasing`): negative guidance away from the concept.
 
-    L = MSE(S(x_t, c), sg[T(x_t, ∅) − η·(T(x_t, c) − T(x_t, ∅))]),  η = `esd_eta` (1)
+    L = MSE(S(x_t, c), sg[T(x_t, ∅) − η·(T(x_t, c) − T(x_t, ∅))]),  η = `finetune.esd.eta` (1)
 
-With `esd_from_anchor` the base is the anchor prompt a instead of ∅:
+With `finetune.esd.from_anchor` the base is the anchor prompt a instead of ∅:
 target = T(x_t, a) − η·(T(x_t, c) − T(x_t, a)), guidance away from what the concept adds to its
 anchor ("a handwritten digit" → "seven"), landing among the anchor's images rather than the
 unconditional ones (the `--erase_from` form of the original code, with a's own difference).
@@ -24,7 +24,7 @@ from toolchain.unlearning import ForgetBatch, register_objective
 @register_objective("esd")
 def esd_loss(student, teacher, batch: ForgetBatch, settings) -> torch.Tensor:
     with torch.no_grad():
-        base = teacher(batch.x_t, batch.t, batch.anchor if settings.esd_from_anchor else batch.uncond)
+        base = teacher(batch.x_t, batch.t, batch.anchor if settings.from_anchor else batch.uncond)
         cond = teacher(batch.x_t, batch.t, batch.teacher_cond)
-        target = base - settings.esd_eta * (cond - base)
+        target = base - settings.eta * (cond - base)
     return F.mse_loss(student(batch.x_t, batch.t, batch.cond).float(), target.float())

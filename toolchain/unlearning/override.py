@@ -11,7 +11,7 @@ ICLR 2025, `tqch/score-forgetting-distillation`) forgets inside score-identity d
 generator. Its forget term compares the teacher's override score with a *fake score* trained on the
 generator's own samples of c_forget, and the gradient reaches the generator through those samples;
 neither exists for a diffusion student trained on fixed teacher samples. That term is implemented
-where it can be, `finetune.mode=sfd` (toolchain/onestep.py); this upper loss keeps only SFD's target
+where it can be, `finetune.mode=sfd` (toolchain/finetune/sfd.py); this upper loss keeps only SFD's target
 (the override concept's teacher score), so it is named after it. `finetune.objective=sfd` is refused
 with a message naming both.
 """

@@ -1,4 +1,4 @@
-"""Stage `finetune`: distillation, unlearning objectives, modes, resume, multi-process, bad input.
+"""toolchain.finetune and the finetune stage: distillation, objectives, modes, resume, multi-process, bad input.
 
 Tiny real models under fixed seeds (tests/assets/tiny-sd, random weights, 16x16 px), plus one
 short run on the embedded digits model for erasure; heavier checks are marked `slow`.
@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolchain.config import ConfigError, FinetuneConfig, FinetuneSettings, RunConfig
+from toolchain.config import (
+    ConfigError,
+    EraseDiffConfig,
+    FinetuneConfig,
+    FinetuneSettings,
+    PenaltyConfig,
+    RunConfig,
+)
 
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
@@ -32,9 +39,9 @@ FAST = dict(
 @pytest.fixture(scope="module")
 def tiny(tiny_sd_dir, tmp_path_factory):
     """(teacher pipeline, pruned student UNet, training data, scheduler config)."""
+    from toolchain.finetune import prepare_data
     from toolchain.models.io import load_pipeline
     from toolchain.pruning.channels import prune_unet_channels
-    from toolchain.stages.finetune import prepare_data
 
     pipe = load_pipeline(tiny_sd_dir)
     cache = tmp_path_factory.mktemp("samples") / "teacher_samples.safetensors"
@@ -45,7 +52,7 @@ def tiny(tiny_sd_dir, tmp_path_factory):
 
 
 def _train(tiny, tmp_path, **overrides):
-    from toolchain.stages.finetune import train
+    from toolchain.finetune import train
 
     pipe, student, data, scheduler_config = tiny
     stop_after = overrides.pop("stop_after", None)
@@ -65,7 +72,7 @@ def _state(unet) -> dict[str, torch.Tensor]:
 
 
 def test_teacher_samples_are_cached_and_reused(tiny, tmp_path):
-    from toolchain.stages.finetune import prepare_data
+    from toolchain.finetune import prepare_data
 
     pipe, _, data, _ = tiny
     cfg = FinetuneConfig(**FAST)
@@ -93,7 +100,7 @@ def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def test_image_caption_folders(tmp_path):
-    from toolchain.stages.finetune import read_image_folder
+    from toolchain.finetune import read_image_folder
 
     paths = _write_images(tmp_path / "hf", 3)
     (tmp_path / "hf" / "metadata.jsonl").write_text(
@@ -118,7 +125,7 @@ def test_image_caption_folders(tmp_path):
 
 def test_image_data_gives_x0_rows(tiny, tmp_path):
     """Retain images and concept images become x_0 rows (VAE latents) beside the teacher samples."""
-    from toolchain.stages.finetune import encode_images, prepare_data, read_image_folder
+    from toolchain.finetune import encode_images, prepare_data, read_image_folder
 
     pipe = tiny[0]
     _write_images(tmp_path / "r", 2)
@@ -153,7 +160,7 @@ def test_changed_images_rerun_finetune(tmp_path):
 
 def test_retain_prompts_are_every_other_digit():
     from toolchain.config import load_concept
-    from toolchain.stages.finetune import retain_prompt_list
+    from toolchain.finetune import retain_prompt_list
 
     prompts = retain_prompt_list(FinetuneConfig(), [load_concept("7")])
     seven = load_concept("7").erase_prompts
@@ -166,8 +173,8 @@ def test_retain_prompts_are_every_other_digit():
 def test_min_snr_weights_epsilon_and_v():
     from diffusers import DDPMScheduler
 
+    from toolchain.finetune import min_snr_weights
     from toolchain.runtime.schedule import diffusion_target
-    from toolchain.stages.finetune import min_snr_weights
 
     t = torch.tensor([0, 500, 999])
     eps = DDPMScheduler(prediction_type="epsilon")
@@ -227,7 +234,7 @@ def test_feature_kd_matching_skips_pruned_blocks(tiny, tmp_path):
 def test_each_objective_loss_falls(tiny, tmp_path, objective):
     extra = {}
     if objective == "erasediff-inner":  # L_f* from 1 step on a copy, for the log
-        objective, extra = "erasediff", {"erasediff_inner_steps": 1}
+        objective, extra = "erasediff", {"erasediff": EraseDiffConfig(inner_steps=1)}
     _train(tiny, tmp_path, mode="sequential", steps=16, unlearn_steps=15, objective=objective, **extra)
     records = _losses(tmp_path)
     key = "forget" if objective == "erasediff" else "upper"
@@ -244,9 +251,11 @@ def test_erasediff_lambda_is_the_authors_fixed_one():
     """Default λ = 0.1 (JingWu321/EraseDiff's lambda_bome); the cosine-based "adaptive" rule is gone."""
     from toolchain.config import from_dict
 
-    assert FinetuneConfig().erasediff_lambda == 0.1
-    with pytest.raises(ConfigError, match="erasediff_lambda=-1.0: must be >= 0"):
-        FinetuneConfig(erasediff_lambda=-1.0)
+    assert FinetuneConfig().erasediff.lambda_bome == 0.1
+    with pytest.raises(ConfigError, match=r"erasediff\.lambda_bome=-1.0: must be >= 0"):
+        EraseDiffConfig(lambda_bome=-1.0)
+    with pytest.raises(ConfigError, match=r"finetune\.erasediff_lambda is now finetune\.erasediff\.lambda_bome"):
+        from_dict(RunConfig, {"finetune": {"erasediff_lambda": 0.1}})
     with pytest.raises(ConfigError, match="unknown key finetune.erasediff_eta"):
         from_dict(RunConfig, {"finetune": {"erasediff_eta": 0.1}})
 
@@ -268,7 +277,9 @@ def test_override_objective_matches_the_teacher_override_score(tiny):
         return pipe.unet(x, t, encoder_hidden_states=e).sample
 
     with torch.no_grad():
-        loss = get_objective("override")(student_fn, teacher_fn, batch, FinetuneConfig())
+        loss = get_objective("override")(
+            student_fn, teacher_fn, batch, FinetuneConfig(objective="override").objective_settings
+        )
         expected = torch.nn.functional.mse_loss(student_fn(x_t, t, cond), teacher_fn(x_t, t, anchor))
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ConfigError, match="objective=sfd is now `override`.*finetune.mode=sfd"):
@@ -299,7 +310,7 @@ def test_bilevel_interleaves_upper_steps(tiny, tmp_path):
 
 
 def test_bome_direction_descends_on_the_gap_no_faster_than_needed():
-    from toolchain.stages.finetune import bome_direction
+    from toolchain.finetune import bome_direction
 
     g = torch.Generator().manual_seed(0)
     grad_q = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
@@ -324,7 +335,12 @@ def test_bilevel_penalty_inner_solution_reaches_the_student(tiny, tmp_path):
     runs = {}
     for k in (1, 4):
         trained, _ = _train(
-            tiny, tmp_path / f"k{k}", mode="bilevel-penalty", steps=3, inner_steps=k, trainable="cross_attention"
+            tiny,
+            tmp_path / f"k{k}",
+            mode="bilevel-penalty",
+            steps=3,
+            penalty=PenaltyConfig(inner_steps=k),
+            trainable="cross_attention",
         )
         runs[k] = (trained.state_dict(), _losses(tmp_path / f"k{k}"))
     upper = {name for name, _ in trainable_parameters(tiny[1], "cross_attention")}
@@ -349,7 +365,7 @@ def test_bilevel_penalty_needs_split_variables():
 
 @pytest.mark.parametrize("mode", ["bilevel", "bilevel-penalty"])
 def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, mode):
-    settings = dict(mode=mode, steps=6, upper_every=2, checkpoint_every=2, inner_steps=1)
+    settings = dict(mode=mode, steps=6, upper_every=2, checkpoint_every=2, penalty=PenaltyConfig(inner_steps=1))
     if mode == "bilevel-penalty":
         settings["trainable"] = "cross_attention"
     full, _ = _train(tiny, tmp_path / "full", **settings)
@@ -364,7 +380,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny, tmp_path, mode):
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tiny, tmp_path):
-    from toolchain.stages.finetune import TrainingDivergedError
+    from toolchain.errors import TrainingDivergedError
 
     with pytest.raises(TrainingDivergedError, match="lower loss") as err:
         _train(tiny, tmp_path, mode="distill", steps=4, checkpoint_every=1, lower_lr=1e4, max_loss=2.0)
@@ -406,7 +422,7 @@ def test_unknown_objective_names_the_valid_ones():
 @pytest.mark.parametrize("mode", ["bilevel", "sequential", "bilevel-penalty"])
 def test_unlearning_without_erase_is_refused(mode):
     from toolchain.config import check_finetune
-    from toolchain.stages.finetune import check_config
+    from toolchain.finetune import check_config
 
     split = {"trainable": "cross_attention"}  # bilevel-penalty needs upper and lower variables
     with pytest.raises(ConfigError, match="--erase"):
@@ -418,7 +434,7 @@ def test_unlearning_without_erase_is_refused(mode):
 
 
 def test_erase_concept_without_prompts_is_refused(tmp_path):
-    from toolchain.stages.finetune import check_config
+    from toolchain.finetune import check_config
 
     concept = tmp_path / "empty.yaml"
     concept.write_text("name: empty\njudge: digits\nlabel: x\nerase_prompts: []\n")
@@ -507,7 +523,7 @@ torch.set_num_threads(1)
 from safetensors.torch import load_file, save_file
 from toolchain.config import FinetuneConfig
 from toolchain.models.io import load_pipeline, load_unet
-from toolchain.stages.finetune import TrainingData, train
+from toolchain.finetune import TrainingData, train
 import json
 pipe_dir, student_dir, data_file, out, cfg_json = sys.argv[1:6]
 pipe = load_pipeline(__import__("pathlib").Path(pipe_dir))
@@ -541,7 +557,7 @@ def test_two_cpu_processes_match_one(tiny, tiny_sd_dir, tmp_path):
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(Path.cwd()),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         "ACCELERATE_USE_CPU": "1",
     }  # what `accelerate launch --cpu` sets: MULTI_CPU with gloo
     finals = {}
@@ -583,7 +599,7 @@ def test_the_cli_under_two_processes_matches_one(tiny_sd_dir, tmp_path):
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     settings = [
         "finetune.enabled=true",
         "finetune.mode=distill",
@@ -623,12 +639,15 @@ def test_committed_finetune_results_render_from_their_json(name):
     but the teacher-sample cache, which the script makes when it is missing."""
     from benchmarks.studies.finetune_digits import ROWS, render
 
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     result = json.loads((results / f"{name}.json").read_text())
     assert set(result) <= {"command", "machine", "versions", "settings", "rows", "timing"}, sorted(result)
     assert render(result, results / f"{name}.md") == (results / f"{name}.md").read_text()
     args = result["command"].split()
-    assert args[:3] == ["python", "-m", "benchmarks.studies.finetune_digits"]
+    # files recorded before the studies moved to benchmarks/studies/ name the old module path
+    assert args[:3] in (
+        ["python", "-m", m] for m in ("benchmarks.studies.finetune_digits", "benchmarks.finetune_digits")
+    )
     assert all(args[i - 1] == "--samples-cache" for i, arg in enumerate(args) if arg.startswith("/tmp"))
     assert set(result["rows"]) <= set(ROWS)
 
@@ -640,10 +659,10 @@ def _digits_erasure(prune_ratio: float, samples_per_prompt: int, n_per_prompt: i
 
     from benchmarks.leakage import evaluate_concepts, get_judge
     from toolchain.config import load_concept
+    from toolchain.finetune import prepare_data, retain_prompt_list, train
     from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
     from toolchain.pruning.channels import prune_unet_channels
     from toolchain.runtime.pytorch import diffusers_generator
-    from toolchain.stages.finetune import prepare_data, retain_prompt_list, train
 
     seven = load_concept("7")
     cfg = FinetuneConfig(mode="bilevel", samples_per_prompt=samples_per_prompt, checkpoint_every=10**6, **settings)
@@ -703,7 +722,7 @@ def test_feature_kd_widths_put_every_input_on_the_models_device(tiny_sd_dir):
     the meta device stands in for CUDA: any CPU tensor meeting a meta weight raises."""
     from diffusers import UNet2DConditionModel
 
-    from toolchain.stages.finetune import TrainingData, kd_block_widths
+    from toolchain.finetune import TrainingData, kd_block_widths
 
     student = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").to("meta")
     teacher = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").to("meta")

@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention
 from toolchain.models.io import ModelError, load_unet, save_unet
 from toolchain.pruning import prune_unet_channels
 
-TINY_CONFIG = Path(__file__).parent / "assets" / "tiny-sd" / "unet" / "config.json"
+TINY_CONFIG = Path(__file__).parents[1] / "assets" / "tiny-sd" / "unet" / "config.json"
 # Expected share of parameters kept. Below (1 - r)^2 because heads are removed with ceil and
 # GroupNorm keeps channels in whole steps of num_groups: at these widths (4-8 channels per
 # group) a step is 12-25% of a layer, so 0.3 rounds to ~0.4 kept on small models.
@@ -176,5 +176,5 @@ def test_bad_arguments_refused_before_pruning(kwargs, message):
 
 def test_import_does_not_load_torch_pruning():
     code = "import sys, toolchain, toolchain.pruning; assert 'torch_pruning' not in sys.modules"
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})

@@ -8,7 +8,7 @@ import pytest
 from export.ort import OPS_CONFIG, convert_to_ort
 from toolchain import artifact as art
 
-from .conftest import manifests, run
+from ..conftest import manifests, run
 
 
 def test_convert_writes_ort_models_and_operator_config(finished_run, tmp_path):

@@ -1,4 +1,4 @@
-"""White-box attacks on erasure (toolchain/attacks.py) and the robust unlearning option.
+"""White-box attacks on erasure (toolchain/attacks/) and the robust unlearning option.
 
 Budgets and bad input on the tiny random model (tests/assets/tiny-sd); whether the attack finds
 a naive erasure, stays at chance on a model that never learned the concept, and whether the
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from toolchain.config import AttackConfig, ConfigError, FinetuneConfig, load_config
+from toolchain.config import AttackConfig, ConfigError, EsdConfig, FinetuneConfig, RobustConfig, load_config
 
 NAIVE = dict(  # ESD on the one prompt "seven", cross-attention only: erases the phrase, not the digit
     mode="sequential",
@@ -39,8 +39,8 @@ def tiny_pipe(tiny_sd_dir):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """(digits pipeline, its teacher samples for ["seven"] and two retain prompts)."""
+    from toolchain.finetune import prepare_data
     from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
-    from toolchain.stages.finetune import prepare_data
 
     pipe = load_pipeline(EMBEDDED_MODEL)
     cache = tmp_path_factory.mktemp("samples") / "s.safetensors"
@@ -83,14 +83,16 @@ def test_attack_section_is_validated_at_load_and_robust_fields_too():
         load_config("default", overrides=["attack.steps=-3"])
     with pytest.raises(ConfigError, match="unknown key attack.tokens"):
         load_config("default", overrides=["attack.tokens=3"])
-    with pytest.raises(ConfigError, match="robust_attack_steps"):
-        FinetuneConfig(robust=True, robust_attack_steps=0)
-    with pytest.raises(ConfigError, match="robust_prefix_tokens"):
-        FinetuneConfig(robust_prefix_tokens=0)
-    with pytest.raises(ConfigError, match="robust_attack_lr"):
-        FinetuneConfig(robust_attack_lr=0.0)
-    with pytest.raises(ConfigError, match="robust_attack"):
-        load_config(None, ["finetune.robust_attack=gcg"])
+    with pytest.raises(ConfigError, match=r"finetune\.robust\.attack_steps=0"):
+        load_config(None, overrides=["finetune.robust.enabled=true", "finetune.robust.attack_steps=0"])
+    with pytest.raises(ConfigError, match=r"finetune\.robust\.prefix_tokens=0"):
+        RobustConfig(prefix_tokens=0)
+    with pytest.raises(ConfigError, match=r"finetune\.robust\.attack_lr=0.0"):
+        RobustConfig(attack_lr=0.0)
+    with pytest.raises(ConfigError, match=r"finetune\.robust\.attack='gcg'"):
+        load_config(None, overrides=["finetune.robust.attack=gcg"])
+    with pytest.raises(ConfigError, match=r"finetune\.robust=true is now finetune\.robust\.enabled"):
+        load_config(None, overrides=["finetune.robust=true"])
 
 
 def test_prefix_attack_refuses_zero_tokens_and_negative_steps(tiny_pipe):
@@ -213,7 +215,7 @@ def test_soft_prefix_attack_spends_its_budget_lowers_the_loss_and_leaves_the_mod
 
 def test_esd_under_attack_asks_the_teacher_about_the_plain_prompt():
     """AdvUnlearn's ESD target: the student sees the attacked conditioning, the teacher's
-    negative guidance is computed from the plain forget prompt; `esd_from_anchor` starts the
+    negative guidance is computed from the plain forget prompt; `esd.from_anchor` starts the
     guidance from the anchor prompt instead of the empty one."""
     from toolchain.unlearning import ForgetBatch, get_objective
 
@@ -226,22 +228,22 @@ def test_esd_under_attack_asks_the_teacher_about_the_plain_prompt():
     x = torch.ones(1, 1, 2, 2)
     plain, attacked, uncond = (torch.full((1, 3, 2), v) for v in (2.0, 5.0, 0.0))
     esd = get_objective("esd")
-    cfg = FinetuneConfig()
+    cfg = FinetuneConfig().esd
     with_plain = esd(student, teacher, ForgetBatch(x, torch.zeros(1), attacked, uncond, uncond, plain), cfg)
     # student 5·x = 5, target T(∅) − (T(c) − T(∅)) = 1 − (3 − 1) = −1 with c the plain prompt
     assert with_plain.item() == pytest.approx(36.0)
     without = esd(student, teacher, ForgetBatch(x, torch.zeros(1), attacked, uncond, uncond), cfg)
     assert without.item() == pytest.approx((5.0 - (1.0 - 5.0)) ** 2)
-    # esd_from_anchor: base T(a) = 2 for an anchor of 1, target 2 − (3 − 2) = 1
+    # esd.from_anchor: base T(a) = 2 for an anchor of 1, target 2 − (3 − 2) = 1
     anchor = torch.full((1, 3, 2), 1.0)
     batch = ForgetBatch(x, torch.zeros(1), attacked, uncond, anchor, plain)
-    assert esd(student, teacher, batch, FinetuneConfig(esd_from_anchor=True)).item() == pytest.approx(16.0)
+    assert esd(student, teacher, batch, EsdConfig(from_anchor=True)).item() == pytest.approx(16.0)
 
 
 @pytest.mark.parametrize("inner", ["embedding", "prefix"])
 def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, tmp_path, inner):
     from toolchain.attacks import PromptEncoder
-    from toolchain.stages.finetune import prepare_data, train
+    from toolchain.finetune import prepare_data, train
 
     fast = dict(samples_per_prompt=2, sample_steps=2, batch_size=4, upper_batch_size=4, checkpoint_every=1000)
     data = prepare_data(
@@ -249,7 +251,7 @@ def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, 
     )
     assert data.ids.shape == (len(data.emb), tiny_pipe.tokenizer.model_max_length)
     cfg = FinetuneConfig(
-        **fast, mode="bilevel", steps=2, upper_every=1, robust=True, robust_attack=inner, robust_attack_steps=2
+        **fast, mode="bilevel", steps=2, upper_every=1, robust=RobustConfig(enabled=True, attack=inner, attack_steps=2)
     )
     student = copy.deepcopy(tiny_pipe.unet)
     with pytest.raises(ConfigError, match="robust"):
@@ -268,11 +270,11 @@ def test_robust_training_needs_the_text_encoder_and_reports_its_cost(tiny_pipe, 
 def _naive_erasure(digits, tmp_path: Path, **extra):
     """The digits teacher after ESD on the single prompt "seven" (optionally robust)."""
     from toolchain.attacks import PromptEncoder
-    from toolchain.stages.finetune import train
+    from toolchain.finetune import train
 
     pipe, data = digits
     cfg = FinetuneConfig(**{**NAIVE, **extra})
-    encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer) if cfg.robust else None
+    encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer) if cfg.robust.enabled else None
     unet, _ = train(
         copy.deepcopy(pipe.unet), pipe.unet, data, cfg, dict(pipe.scheduler.config), tmp_path, prompt_encoder=encoder
     )
@@ -369,7 +371,6 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     found prompts rerun on the ONNX export; every figure is what the judge says of the images."""
     from benchmarks.leakage import get_judge
     from toolchain.attacks import transfer_rate
-    from toolchain.config import RunConfig
     from toolchain.runtime.ort import OrtPipeline
     from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.stages.benchmark import _attack_stages
@@ -377,7 +378,7 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
     budget = run_config.attack
     stages = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, stages, evaluation, run_config, bench, _files, ["CPUExecutionProvider"], 1)
+    _attack_stages(chain, stages, evaluation, run_config.attack, bench, _files, ["CPUExecutionProvider"], 1)
     judge, n = get_judge("digits"), budget.n_prompts * budget.images_per_prompt
     torch_pipe = diffusers_generator(tiny_pipe, steps=bench.eval_steps, guidance_scale=bench.guidance_scale)
     for entry in stages[:2]:
@@ -400,7 +401,7 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     again = transfer_rate(exported, transfer["prompts"], "7", judge, budget.images_per_prompt, budget.seed)
     assert abs(transfer["prompt_attack"] - again) <= 1 / n, (transfer, again)
     untouched = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, untouched, evaluation, RunConfig(erase=["7"]), bench, _files, [], 1)  # attack.enabled false
+    _attack_stages(chain, untouched, evaluation, AttackConfig(), bench, _files, [], 1)  # attack.enabled false
     assert all("attack" not in entry for entry in untouched)
 
 
@@ -415,7 +416,7 @@ def test_every_attack_figure_is_the_judges_share(tiny_sd_dir, tiny_pipe, tmp_pat
     chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
     evaluation = {**evaluation, "judge": "test-constant", "options": {"label": label}}
     stages = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, stages, evaluation, run_config, bench, _files, ["CPUExecutionProvider"], 1)
+    _attack_stages(chain, stages, evaluation, run_config.attack, bench, _files, ["CPUExecutionProvider"], 1)
     for entry in stages[:2]:
         attack = entry["attack"]["7"]
         figures = [attack[k] for k in ("plain", "prompt_attack", "soft_prompt_attack", "embedding_attack")]
@@ -439,15 +440,16 @@ def test_robust_option_lowers_attack_success_relative_to_plain_bilevel_in_a_shor
     budget = AttackConfig(**{**ATTACK, "images_per_prompt": 48})
     rates = {}
     for inner in ("plain", "embedding", "prefix"):
-        robust = dict(robust=True, robust_attack=inner, robust_attack_steps=8 if inner == "embedding" else 4)
+        steps = 8 if inner == "embedding" else 4
+        attack = "embedding" if inner == "plain" else inner  # plain: robust training off
+        robust = RobustConfig(enabled=inner != "plain", attack=attack, attack_steps=steps, retain_weight=0.0)
         erased = _naive_erasure(
             digits,
             tmp_path / inner,
             mode="bilevel",
             steps=8,
             upper_every=1,
-            robust_retain_weight=0.0,
-            **({} if inner == "plain" else robust),
+            robust=robust,
         )
         report = attack_concept(erased, pipe, latents, ["seven"], "7", judge, budget, 10)
         assert report.plain <= 0.1, "each must erase the plain prompt"

@@ -26,8 +26,8 @@ from toolchain.pruning import (
     student_config,
 )
 
-TINY_CONFIG = Path(__file__).parent / "assets" / "tiny-sd" / "unet" / "config.json"
-DIGITS_MODEL = Path(__file__).resolve().parents[1] / "toolchain" / "assets" / "digits-sd"
+TINY_CONFIG = Path(__file__).parents[1] / "assets" / "tiny-sd" / "unet" / "config.json"
+DIGITS_MODEL = Path(__file__).resolve().parents[2] / "toolchain" / "assets" / "digits-sd"
 
 
 def sd1x_unet(block_out_channels=(32, 64, 64, 64), layers_per_block=2) -> UNet2DConditionModel:
@@ -242,7 +242,7 @@ def test_bk_student_round_trips_through_save_pretrained(tmp_path):
     assert loaded.state_dict().keys() == saved.keys()
     assert all(torch.equal(tensor, saved[key]) for key, tensor in loaded.state_dict().items())
     # outputs: fp32 rounding only. Weights read from safetensors sit at another memory alignment,
-    # where CPU kernels may sum in another order (tests/test_pruning_channels.py, REBUILD_TOLERANCE)
+    # where CPU kernels may sum in another order (tests/pruning/test_pruning_channels.py, REBUILD_TOLERANCE)
     args = inputs_for(TEACHER)
     torch.testing.assert_close(forward(loaded, *args), forward(student, *args), rtol=0.0, atol=1e-5)
 

@@ -8,7 +8,7 @@ import pytest
 
 from toolchain.config import JUDGE_NAMES, BenchmarkConfig, ConfigError, load_concept
 
-DIGITS = Path(__file__).parents[1] / "toolchain" / "assets" / "digits-sd"
+DIGITS = Path(__file__).parents[2] / "toolchain" / "assets" / "digits-sd"
 
 
 def test_registered_judges_match_the_config_list():
@@ -98,7 +98,7 @@ def tiny_clip(tmp_path_factory) -> Path:
     )
     folder = tmp_path_factory.mktemp("clip")
     CLIPModel(config).save_pretrained(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(Path(__file__).parent / "assets" / "tiny-sd" / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(Path(__file__).parents[1] / "assets" / "tiny-sd" / "tokenizer")
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
@@ -141,7 +141,7 @@ def test_clip_judge_needs_weights_and_classes(tiny_clip):
 
 def test_concept_files_for_real_models():
     from toolchain.config import FinetuneConfig
-    from toolchain.stages.finetune import retain_prompt_list
+    from toolchain.finetune import retain_prompt_list
 
     nudity = load_concept("nudity")
     assert nudity.judge == "nudenet" and nudity.heldout_prompts and nudity.retain_prompts["safe"]

@@ -13,18 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.config import ConfigError, FinetuneConfig, FinetuneSettings
+from toolchain.config import ConfigError, FinetuneConfig, FinetuneSettings, SfdConfig
 
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
-FAST = dict(mode="sfd", batch_size=2, upper_batch_size=2, checkpoint_every=1000, sfd_guidance=2.0)
+FAST = dict(mode="sfd", batch_size=2, upper_batch_size=2, checkpoint_every=1000)
+FAST_SFD = dict(guidance=2.0)  # FinetuneConfig.sfd
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_sd_dir):
     """(teacher pipeline, pruned student UNet, prompt data, scheduler config)."""
+    from toolchain.finetune import prompt_data
     from toolchain.models.io import load_pipeline
-    from toolchain.onestep import prompt_data
     from toolchain.pruning.channels import prune_unet_channels
 
     pipe = load_pipeline(tiny_sd_dir)
@@ -38,21 +39,21 @@ def _state(module) -> dict[str, torch.Tensor]:
 
 
 def test_schedule_fields_and_bad_values():
-    assert FinetuneConfig(mode="sfd").sfd_schedule == [625]
-    assert FinetuneConfig(mode="sfd", sfd_steps=2).sfd_schedule == [625, 312]
-    assert FinetuneConfig(mode="sfd", sfd_steps=4).sfd_schedule == [625, 468, 312, 156]
-    assert FinetuneConfig(mode="sfd", sfd_timesteps=[900, 500]).sfd_schedule == [900, 500]
+    assert FinetuneConfig(mode="sfd").sfd.schedule == [625]
+    assert SfdConfig(steps=2).schedule == [625, 312]
+    assert SfdConfig(steps=4).schedule == [625, 468, 312, 156]
+    assert SfdConfig(timesteps=[900, 500]).schedule == [900, 500]
     for bad, match in (
-        (dict(sfd_steps=0), "sfd_steps"),
-        (dict(sfd_init_timestep=1000), "sfd_init_timestep"),
-        (dict(sfd_timesteps=[300, 600]), "strictly decreasing"),
-        (dict(sfd_tmin=500, sfd_tmax=400), "sfd_tmin"),
-        (dict(sfd_fake_lr=0.0), "sfd_fake_lr"),
-        (dict(sfd_remain_weight=0.0, sfd_forget_weight=0.0), "both 0"),
-        (dict(sfd_guidance=-1.0), "sfd_guidance"),
+        (dict(steps=0), r"finetune\.sfd\.steps=0"),
+        (dict(init_timestep=1000), r"finetune\.sfd\.init_timestep"),
+        (dict(timesteps=[300, 600]), "strictly decreasing"),
+        (dict(tmin=500, tmax=400), r"finetune\.sfd\.tmin"),
+        (dict(fake_lr=0.0), r"finetune\.sfd\.fake_lr"),
+        (dict(remain_weight=0.0, forget_weight=0.0), "both 0"),
+        (dict(guidance=-1.0), r"finetune\.sfd\.guidance"),
     ):
         with pytest.raises(ConfigError, match=match):
-            FinetuneConfig(mode="sfd", **bad)
+            SfdConfig(**bad)
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -60,15 +61,15 @@ def test_one_fake_step_and_one_generator_step_reduce_their_losses(tiny, steps):
     """On a fixed batch: one Adam step of F lowers L_F, one of G lowers L_G; T never changes."""
     from diffusers import DDPMScheduler
 
-    from toolchain.onestep import FewStepGenerator, fake_score_loss, generator_loss, sfd_batch
+    from toolchain.finetune import FewStepGenerator, fake_score_loss, generator_loss, sfd_batch
 
     pipe, student, data, scheduler_config = tiny
-    cfg = FinetuneConfig(**FAST, sfd_steps=steps)
+    cfg = FinetuneConfig(**FAST, sfd=SfdConfig(**FAST_SFD, steps=steps))
     scheduler = DDPMScheduler.from_config(scheduler_config)
     teacher = pipe.unet.eval().requires_grad_(False)
     before = _state(teacher)
     fake = copy.deepcopy(teacher).requires_grad_(True)
-    generator = FewStepGenerator(copy.deepcopy(student), cfg.sfd_schedule, scheduler.alphas_cumprod, "epsilon")
+    generator = FewStepGenerator(copy.deepcopy(student), cfg.sfd.schedule, scheduler.alphas_cumprod, "epsilon")
     shape = (student.config.in_channels, student.config.sample_size, student.config.sample_size)
     batch = sfd_batch(data, cfg, 0, 0, shape)
     assert batch["noises"].shape[0] == steps - 1 and len(batch["pids"]) == 4
@@ -99,9 +100,11 @@ def test_one_fake_step_and_one_generator_step_reduce_their_losses(tiny, steps):
 
 
 def test_forget_rows_use_the_override_for_the_teacher_only(tiny):
+    from toolchain.finetune import sfd_batch
+
     pipe, student, data, _ = tiny
-    cfg = FinetuneConfig(**FAST, sfd_negative_forget=True)
-    batch = __import__("toolchain.onestep", fromlist=["sfd_batch"]).sfd_batch(data, cfg, 3, 0, (4, 8, 8))
+    cfg = FinetuneConfig(**FAST, sfd=SfdConfig(**FAST_SFD, negative_forget=True))
+    batch = sfd_batch(data, cfg, 3, 0, (4, 8, 8))
     forget = ~batch["is_retain"]
     anchor = data.anchor_pids[0]
     assert (batch["teacher_pids"][forget] == anchor).all() and (batch["pids"][forget] != anchor).all()
@@ -110,10 +113,10 @@ def test_forget_rows_use_the_override_for_the_teacher_only(tiny):
 
 
 def test_training_keeps_the_teacher_and_resumes_to_the_same_weights(tiny, tmp_path):
-    from toolchain.onestep import train_onestep
+    from toolchain.finetune import train_onestep
 
     pipe, student, data, scheduler_config = tiny
-    cfg = FinetuneConfig(**{**FAST, "checkpoint_every": 1}, steps=2, sfd_steps=2)
+    cfg = FinetuneConfig(**{**FAST, "checkpoint_every": 1}, steps=2, sfd=SfdConfig(**FAST_SFD, steps=2))
     before = _state(pipe.unet)
     whole, summary = train_onestep(copy.deepcopy(student), pipe.unet, data, cfg, scheduler_config, tmp_path / "a")
     assert summary["generator_timesteps"] == [625, 312] and summary["steps"] == 2
@@ -152,7 +155,7 @@ def test_stage_exports_and_runs_the_generator_like_any_unet(tiny_sd_dir, tmp_pat
         progress=False,
     )
     before = art.hash_folder(tiny_sd_dir)
-    cfg = FinetuneConfig(enabled=True, **FAST, steps=1, sfd_steps=2)
+    cfg = FinetuneConfig(enabled=True, **FAST, steps=1, sfd=SfdConfig(**FAST_SFD, steps=2))
     result = finetune.run(art.Artifact(path=tiny_sd_dir, kind="diffusers"), FinetuneSettings(cfg, ["7"]), ctx)
     assert art.hash_folder(tiny_sd_dir) == before, "the input must never be modified"
     check_pipeline_folder(out)
@@ -184,7 +187,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from toolchain import artifact as art
-from toolchain.config import FinetuneConfig, FinetuneSettings
+from toolchain.config import FinetuneConfig, FinetuneSettings, from_dict
 from toolchain.pipeline import RunContext
 from toolchain.stages import finetune
 model, base, settings = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
@@ -193,7 +196,7 @@ out = base / ("out.partial" if rank == 0 else f"rank{rank}.partial")  # each pro
 out.mkdir()
 chain = [art.Artifact(path=base / "src", kind="diffusers", model_path=model)]
 ctx = RunContext(run_dir=base, out_dir=out, chain=chain, progress=False)
-result = finetune.run(art.Artifact(path=model, kind="diffusers"), FinetuneSettings(FinetuneConfig(**settings), ["7"]), ctx)
+result = finetune.run(art.Artifact(path=model, kind="diffusers"), FinetuneSettings(from_dict(FinetuneConfig, settings), ["7"]), ctx)
 (base / f"returned{rank}.json").write_text(json.dumps(None if result is None else result.records["finetune"]))
 """
 
@@ -210,9 +213,9 @@ def test_sfd_under_two_processes_only_process_0_writes(tiny_sd_dir, tmp_path):
     from toolchain.runtime.schedule import read_schedule
 
     (tmp_path / "run.py").write_text(SFD_PROCESS_SCRIPT)
-    settings = {**FAST, "enabled": True, "steps": 2, "checkpoint_every": 1}
+    settings = {**FAST, "sfd": FAST_SFD, "enabled": True, "steps": 2, "checkpoint_every": 1}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd += ["--master_port", str(29700 + os.getpid() % 1000), str(tmp_path / "run.py"), str(tiny_sd_dir)]
     result = subprocess.run([*cmd, str(tmp_path), json.dumps(settings)], env=env, capture_output=True, text=True)
@@ -235,11 +238,10 @@ def _digits_sfd(steps: int, n_per_prompt: int, prune_ratio: float = 0.0, **setti
 
     from benchmarks.leakage import evaluate_concepts, get_judge
     from toolchain.config import load_concept
+    from toolchain.finetune import prompt_data, retain_prompt_list, train_onestep
     from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
-    from toolchain.onestep import prompt_data, train_onestep
     from toolchain.pruning.channels import prune_unet_channels
     from toolchain.runtime.pytorch import diffusers_generator
-    from toolchain.stages.finetune import retain_prompt_list
 
     seven = load_concept("7")
     cfg = FinetuneConfig(mode="sfd", steps=steps, checkpoint_every=10**6, **settings)
@@ -251,7 +253,7 @@ def _digits_sfd(steps: int, n_per_prompt: int, prune_ratio: float = 0.0, **setti
     judge = get_judge("digits")
     erase = {"7": seven.erase_prompts[:3]}
     retain = {k: v[:1] for k, v in seven.retain_prompts.items()}
-    schedule = {"timesteps": cfg.sfd_schedule, "prediction_type": "epsilon"}
+    schedule = {"timesteps": cfg.sfd.schedule, "prediction_type": "epsilon"}
     teacher, scores = pipe.unet, {}
     for name in ("before", "after"):
         if name == "after":

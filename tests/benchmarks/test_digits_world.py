@@ -12,8 +12,9 @@ import torch  # noqa: E402
 
 from benchmarks import leakage, quality  # noqa: E402
 from benchmarks.testbed import digits  # noqa: E402
+from toolchain.runtime.pytorch import diffusers_generator  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "toolchain" / "assets" / "digits-sd"
 CONCEPTS = ROOT / "configs" / "concepts"
 
@@ -37,7 +38,7 @@ def _quality_images(pipe, generate_seed=0):
         for prompt in (digits.train_prompts(d)[0], digits.heldout_prompts(d)[0]):
             prompts += [prompt] * 2
             labels += [str(d)] * 2
-    generate = leakage.diffusers_generator(pipe, steps=25)
+    generate = diffusers_generator(pipe, steps=25)
     return generate(prompts, generate_seed), labels
 
 
@@ -45,10 +46,10 @@ def test_shipped_folder_loads_offline_and_generates(pipe):
     assert pipe.safety_checker is None and pipe.feature_extractor is None
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == digits.IMAGE_SIZE
-    images = leakage.diffusers_generator(pipe, steps=5)(["the number 7", ""], 0)
+    images = diffusers_generator(pipe, steps=5)(["the number 7", ""], 0)
     assert images.shape == (2, 16, 16, 3)
     assert images.dtype == np.float32 and images.min() >= 0.0 and images.max() <= 1.0
-    again = leakage.diffusers_generator(pipe, steps=5, batch_size=1)(["the number 7", ""], 0)
+    again = diffusers_generator(pipe, steps=5, batch_size=1)(["the number 7", ""], 0)
     np.testing.assert_allclose(images, again, atol=1e-5)  # independent of batching
 
 

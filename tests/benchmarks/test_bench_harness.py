@@ -11,7 +11,7 @@ import pytest
 
 from toolchain.config import CONFIG_DIR, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -230,7 +230,7 @@ def test_stage_writes_int8_and_fp16(tiny_onnx, tmp_path):
 
 
 def test_stage_gate_error(tiny_onnx, tmp_path):
-    from toolchain.pipeline import GateError
+    from toolchain.errors import GateError
     from toolchain.stages import quantize as stage
 
     ctx = SimpleNamespace(out_dir=tmp_path / "stage", progress=False)

@@ -17,8 +17,8 @@ from export.onnx import DEFAULT_TOLERANCES, PSNR_FLOOR_DB, export_onnx
 from export.validate import PSNR_CEILING_DB, ParityError, psnr
 from toolchain.models.io import build_pipeline_from_configs, load_pipeline
 
-TINY_SD = Path(__file__).parent / "assets" / "tiny-sd"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_SD = Path(__file__).parents[1] / "assets" / "tiny-sd"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,80 @@ def test_channel_pruned_unet_exports_with_parity(tiny_dir, tmp_path):
     result = export_onnx(pipe, tmp_path, components=("unet",), progress=False)
     (entry,) = result["parity"]
     assert entry["max_abs_err"] <= entry["tolerance"] and entry["psnr_db"] >= PSNR_FLOOR_DB
+
+
+def test_every_component_goes_through_optimums_exporter(tiny_dir, tmp_path, monkeypatch):
+    """The graphs come from optimum-onnx's `export` with its Stable Diffusion OnnxConfigs, for a
+    channel-pruned UNet too; replacing it with our own tracer would fail here."""
+    pytest.importorskip("torch_pruning", reason="channel pruning needs torch-pruning")
+    from optimum.exporters.onnx import convert
+
+    from toolchain.pruning.channels import prune_unet_channels
+
+    calls = []
+    real_export = convert.export
+
+    def spy(model, config, output, *args, **kwargs):
+        calls.append((type(config).__name__, model, Path(output)))
+        return real_export(model, config, output, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "export", spy)
+    pipe = load_pipeline(tiny_dir)
+    prune_unet_channels(pipe.unet, 0.3)
+    components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    result = export_onnx(pipe, tmp_path, components=components, progress=False)
+    assert [name for name, _, _ in calls] == [
+        "CLIPTextOnnxConfig",
+        "UNetOnnxConfig",
+        "VaeDecoderOnnxConfig",
+        "VaeEncoderOnnxConfig",
+    ]
+    _, unet_module, unet_output = calls[1]
+    assert unet_module.unet is pipe.unet and unet_output.parent.parent == tmp_path / "unet"
+    assert [p["component"] for p in result["parity"]] == list(components)
+    assert all(p["max_abs_err"] <= p["tolerance"] for p in result["parity"])
+
+
+def test_external_data_gathered_from_per_tensor_files(tiny_pipe, tmp_path):
+    """Above 2 GB the TorchScript exporter writes one file per tensor; they are gathered into the
+    single model.onnx_data of optimum's layout, small tensors inline, same outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.onnx import _gather_external_data
+
+    source = tmp_path / "scattered"
+    export_onnx(tiny_pipe, source, components=("unet",), progress=False)
+    model = onnx.load(str(source / "unet" / "model.onnx"))
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    onnx.save_model(model, str(trace / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
+    assert len(list(trace.iterdir())) > 10  # one file per large tensor
+    target, external = tmp_path / "model.onnx", tmp_path / "model.onnx_data"
+    _gather_external_data(trace / "model.onnx", target, external)
+
+    gathered = onnx.load(str(target), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in gathered.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    assert locations == {"model.onnx_data"}
+    assert all(
+        len(t.raw_data) < 1024 for t in gathered.graph.initializer if t.data_location == onnx.TensorProto.DEFAULT
+    )
+    rng = np.random.default_rng(0)
+    feed = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array(10.0, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 32, 32), dtype=np.float32),
+    }
+    outputs = [
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        for path in (source / "unet" / "model.onnx", target)
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 def test_psnr():

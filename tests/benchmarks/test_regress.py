@@ -13,7 +13,7 @@ import pytest
 from benchmarks.regress import Tolerances, check_all, compare
 from toolchain.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "benchmarks" / "results" / "baseline-default.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
