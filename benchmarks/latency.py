@@ -31,6 +31,30 @@ def machine_info() -> dict[str, object]:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system()}
 
 
+# The machine-speed probe: a fixed CPU workload, independent of any model this project makes.
+PROBE_SIZE, PROBE_CHAIN = 384, 20
+
+
+def speed_probe(repeats: int = 10) -> float:
+    """Median ms of a fixed CPU workload (20 chained 384x384 float32 matmul + tanh, torch, at the
+    current thread count): how fast this machine runs right now.
+
+    CPU model and core count do not pin a VM's speed: on the 2-core CI machine the same digits UNet
+    forward took 37-72 ms within minutes, and 28 ms on the day the baseline was recorded. The gate
+    scales a baseline's CPU latency limits by the ratio of the two runs' probes (benchmarks.regress)."""
+    import torch
+
+    a = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+
+    def work():
+        y = a
+        for _ in range(PROBE_CHAIN):
+            y = torch.tanh(a @ y)
+
+    with torch.inference_mode():
+        return time_callable(work, 2, repeats)["median_ms"]
+
+
 def time_callable(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
     """Median and p90 wall time of `fn()` in ms after `warmup` untimed calls."""
     for _ in range(warmup):

@@ -23,7 +23,12 @@ that judged fewer images than its baseline (or gives no count where the baseline
 (`FEWER IMAGES`): a smaller sample would otherwise widen its own gate.
 Latency is compared only when both reports come from the same machine (CPU model and core count
 in `report["machine"]`); on another machine its rows say "other machine" and do not fail, since a
-ratio to another computer's speed measures the computer, not the change.
+ratio to another computer's speed measures the computer, not the change. The same model of VM is
+not one speed either (the same UNet forward took 28 ms one day and 37-72 ms within minutes
+another), so where both reports carry `machine.speed_probe_ms` (`benchmarks.latency.speed_probe`,
+a fixed CPU workload timed around the latency rows) the limits of CPU rows are scaled by the ratio
+of the two probes, shown as an `info` row; a report without a usable probe is held to the
+unscaled limits.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ class Tolerances:
 
 # leakage_points / retain_points left unset: these points, or one image where the sample is smaller
 DEFAULT_POINTS = {"leakage_points": 2.0, "retain_points": 3.0}
-PASSING = ("ok", "other machine", "missing (allowed)")
+PASSING = ("ok", "other machine", "missing (allowed)", "info")
+SPEED_PROBE = "speed_probe_ms"
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Regression:
     current: float | None
     limit: float | None
     verdict: str  # "ok", "REGRESSION", "MISSING", "NaN", "BASELINE NaN", "NO LIMIT", "DIFFERS", or a PASSING one
+    # ("info": a figure shown for the reader, compared with nothing)
 
     @property
     def failed(self) -> bool:
@@ -193,7 +200,11 @@ def check_all(
     current_stages = {s["name"]: s for s in report.get("stages", [])}
     for base in baseline.get("stages", []):
         rows += _stage_rows(base["name"], base, current_stages.get(base["name"], {}), tol)
-    same_machine = report.get("machine") == baseline.get("machine")
+    same_machine = _machine(report) == _machine(baseline)
+    speed = _speed_ratio(report, baseline)
+    if speed != 1.0:
+        probes = [r["machine"][SPEED_PROBE] for r in (baseline, report)]
+        rows.append(Regression(f"machine {SPEED_PROBE} (CPU latency limits x{speed:.2f})", *probes, None, "info"))
     for section, keys, field, ratio in (
         ("latency", _LATENCY_KEY, "median_ms", tol.latency_ratio),
         ("memory", _MEMORY_KEY, "peak_rss_bytes", tol.memory_ratio),
@@ -207,7 +218,8 @@ def check_all(
             if section == "latency" and not same_machine and c is not None and not _is_nan(c):  # missing/NaN fail
                 rows.append(Regression(f"{section} {key}", b, c, None, "other machine"))
             else:
-                limit = max(b * ratio, b + tol.latency_ms) if section == "latency" else b * ratio
+                scale = speed if section == "latency" and _on_cpu(base) else 1.0
+                limit = max(b * scale * ratio, b * scale + tol.latency_ms) if section == "latency" else b * ratio
                 rows.append(_check(f"{section} {key}", b, c, limit, True))
     current = {_key(r, _PARITY_KEY): r for r in report.get("parity", [])}
     for base in baseline.get("parity", []):
@@ -222,6 +234,26 @@ def check_all(
         else r
         for r in rows
     ]
+
+
+def _machine(report: dict[str, Any]) -> dict[str, Any]:
+    """The machine's identity: everything in `report["machine"]` but its measured speed."""
+    return {k: v for k, v in report.get("machine", {}).items() if k != SPEED_PROBE}
+
+
+def _speed_ratio(report: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """How much slower this run's machine ran the speed probe than the baseline's; 1.0 (limits
+    unscaled) unless both probes are finite positive numbers."""
+    now, base = (r.get("machine", {}).get(SPEED_PROBE) for r in (report, baseline))
+    usable = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (now, base)
+    )
+    return now / base if usable else 1.0
+
+
+def _on_cpu(row: dict[str, Any]) -> bool:
+    """A latency row measured on the CPU (torch `cpu`, ONNX Runtime's CPUExecutionProvider...)."""
+    return "cpu" in str(row.get("provider", "")).lower()
 
 
 def compare(

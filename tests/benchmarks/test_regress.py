@@ -287,3 +287,43 @@ def test_plots_draw_the_wilson_intervals():
     errors = _wilson_errors([1 / 14, 0.5, np.nan], [14, None, 14])
     assert errors[:, 0] == pytest.approx([1 / 14 - 0.0127, 0.3147 - 1 / 14], abs=1e-4)
     assert errors[:, 1].tolist() == [0.0, 0.0] and errors[:, 2].tolist() == [0.0, 0.0]
+
+
+def _timed(torch_ms: float, gpu_ms: float, probe: float | None) -> dict:
+    """An erase report with one CPU and one CUDA latency row and the machine's speed probe."""
+    report = _erase_report()
+    row = {"runtime": "torch", "profile": "p", "stage": "finetune", "component": "unet", "batch": 2}
+    report["latency"] = [
+        {**row, "provider": "cpu", "median_ms": torch_ms},
+        {**row, "runtime": "onnxruntime", "provider": "CUDAExecutionProvider", "median_ms": gpu_ms},
+    ]
+    report["machine"] = {"cpu": "AMD EPYC", "cores": 2, "system": "Linux"}
+    if probe is not None:
+        report["machine"]["speed_probe_ms"] = probe
+    return report
+
+
+def test_cpu_latency_limits_follow_the_machines_measured_speed():
+    """Same CPU model, a machine running the probe 2x slower: CPU rows 2x slower pass (the limit is
+    scaled), a CPU row 2x slower on an equally fast machine fails, GPU rows are never scaled, and a
+    report without a usable probe is held to the unscaled limits."""
+    baseline = _timed(30.0, 10.0, probe=20.0)
+    slow_machine = _timed(60.0, 10.0, probe=40.0)
+    rows = {r.metric: r for r in check_all(slow_machine, baseline, Tolerances())}
+    assert not [r for r in rows.values() if r.failed]
+    info = rows["machine speed_probe_ms (CPU latency limits x2.00)"]
+    assert (info.baseline, info.current, info.verdict) == (20.0, 40.0, "info")
+    assert rows["latency torch/p/finetune/unet/2"].limit == pytest.approx(90.0)
+    assert _failed(_timed(60.0, 10.0, probe=20.0), baseline) == {"latency torch/p/finetune/unet/2": "REGRESSION"}
+    assert _failed(_timed(30.0, 20.0, probe=40.0), baseline) == {"latency onnxruntime/p/finetune/unet/2": "REGRESSION"}
+    for probe in (None, float("nan"), 0.0):
+        assert _failed(_timed(60.0, 10.0, probe=probe), baseline) == {"latency torch/p/finetune/unet/2": "REGRESSION"}
+    # a faster machine tightens the limits: 30 ms where the probe says 2x faster is a regression
+    assert _failed(_timed(30.0, 10.0, probe=10.0), baseline) == {"latency torch/p/finetune/unet/2": "REGRESSION"}
+
+
+def test_speed_probe_times_a_fixed_workload():
+    from benchmarks.latency import speed_probe
+
+    probe = speed_probe(repeats=3)
+    assert isinstance(probe, float) and 0 < probe < 10_000

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -80,16 +81,22 @@ def run(
     _attack_stages(chain, stages, evaluation, settings.attack, cfg, _pipeline_files, providers, threads)
 
     pipeline_dir = [a for a in chain if a.kind == "diffusers"][-1].files
+    from benchmarks.latency import speed_probe
+
+    probes = [speed_probe()]  # the machine's speed around the latency rows (the gate scales by it)
     latency, memory = _torch_latency(chain, pipeline_dir, bench)
+    probes.append(speed_probe())
     memory_rows, memory_specs = [], []
     for artifact in [a for a in exported if bench.measured(a)]:
         rows, mem_rows, specs = _exported_latency(artifact, artifact is exported[-1], pipeline_dir, bench)
         latency += rows
         memory_rows += mem_rows
         memory_specs += specs
+    probes.append(speed_probe())
     memory += _peak_memory(memory_rows, memory_specs, device, warnings)
 
     report = _report(settings, chain, bench, stages, latency, memory, warnings, evaluation)
+    report["machine"]["speed_probe_ms"] = round(statistics.median(probes), 3)
     if per_label:
         report["per_label_accuracy"] = per_label
         report["per_label_n"] = per_label_n
