@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.validate import PSNR_CEILING_DB, ParityError, phase, psnr
+from export.validate import PSNR_CEILING_DB, ParityError, phase, psnr, require_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -379,10 +379,7 @@ def _check_arguments(
     ):
         if value not in valid:
             raise ValueError(f"{knob} {value!r}: must be one of {list(valid)}")
-    needed = {"tokenizer", "scheduler", "text_encoder", "unet", "vae"}  # shapes come from all three models
-    missing = sorted(a for a in needed if getattr(pipe, a, None) is None)
-    if missing:
-        raise ValueError(f"pipeline has no {missing}; pass a StableDiffusionPipeline with all of {sorted(needed)}")
+    require_pipeline(pipe)
     return components, compress_components
 
 

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.validate import ParityError, onnx_parity, phase
+from export.validate import ParityError, onnx_parity, phase, require_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -394,10 +394,7 @@ def _check_arguments(pipe, components, opset, tolerances, external_data_threshol
         limits[name] = float(value)
     if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int):
         raise ValueError(f"external_data_threshold {external_data_threshold!r}: must be an int (bytes)")
-    needed = {"tokenizer", "scheduler", "text_encoder", "unet", "vae"}  # shapes come from all three models
-    missing = sorted(a for a in needed if getattr(pipe, a, None) is None)
-    if missing:
-        raise ValueError(f"pipeline has no {missing}; pass a StableDiffusionPipeline with all of {sorted(needed)}")
+    require_pipeline(pipe)
     return components, limits
 
 

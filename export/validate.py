@@ -28,6 +28,14 @@ class ParityError(RuntimeError):
 PSNR_CEILING_DB = 200.0
 
 
+def require_pipeline(pipe) -> None:
+    """ValueError unless `pipe` has every part an exporter reads (shapes come from all three models)."""
+    needed = {"tokenizer", "scheduler", "text_encoder", "unet", "vae"}
+    missing = sorted(a for a in needed if getattr(pipe, a, None) is None)
+    if missing:
+        raise ValueError(f"pipeline has no {missing}; pass a StableDiffusionPipeline with all of {sorted(needed)}")
+
+
 def psnr(reference: np.ndarray, test: np.ndarray) -> float:
     """Peak signal-to-noise ratio of `test` against `reference`, in dB.
 

@@ -51,6 +51,24 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     return build_pipeline_from_configs(ASSETS / "tiny-sd", tmp_path_factory.mktemp("tiny-sd") / "pipe", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_sd_dir):
+    """The tiny pipeline loaded, once per test module (a module may change its components)."""
+    from toolchain.models.io import load_pipeline
+
+    return load_pipeline(tiny_sd_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_pipe, tmp_path_factory) -> Path:
+    """`tiny_pipe` exported to an ONNX folder (optimum's layout), once per test module."""
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_onnx(tiny_pipe, out, progress=False)
+    return out
+
+
 @pytest.fixture
 def tiny_sd_copy(tiny_sd_dir, tmp_path) -> Path:
     """A private copy a test may damage."""

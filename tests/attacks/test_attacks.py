@@ -30,13 +30,6 @@ NAIVE = dict(  # ESD on the one prompt "seven", cross-attention only: erases the
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe(tiny_sd_dir):
-    from toolchain.models.io import load_pipeline
-
-    return load_pipeline(tiny_sd_dir)
-
-
-@pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """(digits pipeline, its teacher samples for ["seven"] and two retain prompts)."""
     from toolchain.finetune import prepare_data
@@ -360,10 +353,6 @@ def _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path):
     return chain, bench, RunConfig(erase=["7"], attack=budget), _evaluation_plan(chain[0], ["7"], bench)
 
 
-def _files(artifact):
-    return {c: info["path"] for c, info in artifact.metrics.get("files", {}).items()}
-
-
 def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to_the_export(
     tiny_sd_dir, tiny_pipe, tmp_path
 ):
@@ -373,12 +362,12 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     from toolchain.attacks import transfer_rate
     from toolchain.runtime.ort import OrtPipeline
     from toolchain.runtime.pytorch import diffusers_generator
-    from toolchain.stages.benchmark import _attack_stages
+    from toolchain.stages.benchmark import _attack_stages, _pipeline_files
 
     chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
     budget = run_config.attack
     stages = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, stages, evaluation, run_config.attack, bench, _files, ["CPUExecutionProvider"], 1)
+    _attack_stages(chain, stages, evaluation, run_config.attack, bench, ["CPUExecutionProvider"], 1)
     judge, n = get_judge("digits"), budget.n_prompts * budget.images_per_prompt
     torch_pipe = diffusers_generator(tiny_pipe, steps=bench.eval_steps, guidance_scale=bench.guidance_scale)
     for entry in stages[:2]:
@@ -393,7 +382,7 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     transfer = stages[2]["attack"]["7"]
     assert transfer["attacked_on"] == "finetune" and transfer["prompts"] == stages[1]["attack"]["7"]["prompts"]
     assert transfer["embedding_attack"] is None and transfer["soft_prompt_attack"] is None
-    ort_pipe = OrtPipeline(chain[2].path, _files(chain[2]), ["CPUExecutionProvider"], 1)
+    ort_pipe = OrtPipeline(chain[2].path, _pipeline_files(chain[2]), ["CPUExecutionProvider"], 1)
 
     def exported(prompts, seed):
         return ort_pipe(prompts, seed, steps=bench.eval_steps, guidance_scale=bench.guidance_scale)
@@ -401,7 +390,7 @@ def test_benchmark_stage_attacks_each_pytorch_stage_and_transfers_the_prompts_to
     again = transfer_rate(exported, transfer["prompts"], "7", judge, budget.images_per_prompt, budget.seed)
     assert abs(transfer["prompt_attack"] - again) <= 1 / n, (transfer, again)
     untouched = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, untouched, evaluation, AttackConfig(), bench, _files, [], 1)  # attack.enabled false
+    _attack_stages(chain, untouched, evaluation, AttackConfig(), bench, [], 1)  # attack.enabled false
     assert all("attack" not in entry for entry in untouched)
 
 
@@ -416,7 +405,7 @@ def test_every_attack_figure_is_the_judges_share(tiny_sd_dir, tiny_pipe, tmp_pat
     chain, bench, run_config, evaluation = _attack_chain(tiny_sd_dir, tiny_pipe, tmp_path)
     evaluation = {**evaluation, "judge": "test-constant", "options": {"label": label}}
     stages = [{"name": a.stage} for a in chain]
-    _attack_stages(chain, stages, evaluation, run_config.attack, bench, _files, ["CPUExecutionProvider"], 1)
+    _attack_stages(chain, stages, evaluation, run_config.attack, bench, ["CPUExecutionProvider"], 1)
     for entry in stages[:2]:
         attack = entry["attack"]["7"]
         figures = [attack[k] for k in ("plain", "prompt_attack", "soft_prompt_attack", "embedding_attack")]

@@ -20,14 +20,8 @@ from export.coreml import (
     SplitEinsumAttnProcessor,
     export_coreml,
 )
-from toolchain.models.io import load_pipeline
 
 PACKAGES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder"}
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_sd_dir):
-    return load_pipeline(tiny_sd_dir)
 
 
 @pytest.fixture(scope="module")

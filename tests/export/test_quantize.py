@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from export.onnx import export_onnx
 from export.onnx_fp16 import FP16_PSNR_FLOOR_DB, FP16_TOLERANCES, convert_onnx_folder_fp16
 from export.quantize import (
     INT8_PSNR_FLOOR_DB,
@@ -21,7 +20,6 @@ from export.quantize import (
 )
 from toolchain.artifact import Artifact
 from toolchain.config import ConfigError, QuantizeConfig, QuantizeSettings
-from toolchain.models.io import load_pipeline
 from toolchain.runtime.ort import ort_generator
 from toolchain.runtime.pytorch import diffusers_generator
 
@@ -30,18 +28,6 @@ STEPS = 4
 # Pixels in [0, 1]: ORT and PyTorch differ by fp32 summation order only (1e-6 measured over 25
 # steps on the digits model); 1e-4 is far below one 8-bit level (3.9e-3).
 RUNNER_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_sd_dir):
-    return load_pipeline(tiny_sd_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_pipe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "fp32"
-    export_onnx(tiny_pipe, out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -24,20 +24,6 @@ GENERATOR = {"timesteps": [625, 312], "prediction_type": "epsilon"}
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe(tiny_sd_dir):
-    return load_pipeline(tiny_sd_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_pipe, tmp_path_factory):
-    from export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "fp32"
-    export_onnx(tiny_pipe, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def generator_onnx(tiny_onnx, tmp_path_factory):
     """The tiny export carrying a 2-step generator schedule: sampled as a k-step generator."""
     out = shutil.copytree(tiny_onnx, tmp_path_factory.mktemp("onnx") / "generator")

@@ -78,7 +78,7 @@ def run(
     warnings = _warnings(chain, erase, bench, missing)
     evaluation = _evaluation_plan(chain[0], erase, cfg)
     stages, per_label, per_label_n, samples = _judge_stages(chain, evaluation, bench)
-    _attack_stages(chain, stages, evaluation, settings.attack, cfg, _pipeline_files, providers, threads)
+    _attack_stages(chain, stages, evaluation, settings.attack, cfg, providers, threads)
 
     pipeline_dir = [a for a in chain if a.kind == "diffusers"][-1].files
     from benchmarks.latency import speed_probe
@@ -421,9 +421,7 @@ def _share(key: str, share: float, n: int) -> dict:
     return {key: share, f"{key}_n": n, f"{key}_ci95": share_interval(share, n)}
 
 
-def _attack_stages(
-    chain, stages, evaluation, acfg: AttackConfig, cfg: BenchmarkConfig, pipeline_files, providers, threads
-):
+def _attack_stages(chain, stages, evaluation, acfg: AttackConfig, cfg: BenchmarkConfig, providers, threads):
     """White-box attacks per stage (`attack` section, toolchain/attacks/), merged into each
     stage entry's `attack.<label>`: on every PyTorch stage the prefix attack and concept inversion
     run against that stage's model (`attacked_on` = the stage itself); every exported model runs
@@ -446,7 +444,7 @@ def _attack_stages(
     found: dict[str, tuple[str, list[str]]] = {}
     guidance = cfg.guidance_scale
     for artifact, entry in zip(chain, stages, strict=True):
-        files = pipeline_files(artifact) if artifact.kind in ("onnx", "ort") else {}
+        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort") else {}
         if artifact.kind == "diffusers":
             pipe = load_pipeline(artifact.files)
             for label, prompts in evaluation["erase"].items():
