@@ -64,9 +64,38 @@ def time_callable(fn: Callable[[], object], warmup: int, repeats: int) -> dict[s
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
-    times.sort()
+    return _stats(times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """`time_callable` of several callables, timed in turns: each round calls every one once, in
+    an order reversed every other round, so drift of the machine's speed (a shared VM's neighbours,
+    CPU clocks) falls on all of them alike and their ratio measures the models, not the minute."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: _stats(t) for name, t in times.items()}
+
+
+def turns_for(fns: dict[str, Callable[[], object]], least: int, budget_ms: float, most: int = 500) -> int:
+    """How many turns `time_interleaved` takes so the slowest callable runs for about `budget_ms`
+    (at least `least`, at most `most`): one call each, timed once, sets it. A fixed count of a few
+    calls left the digits UNet's speed-up swinging 1.2-1.8x between runs minutes apart."""
+    slowest = max(time_callable(fn, 0, 1)["median_ms"] for fn in fns.values())
+    return int(min(most, max(least, np.ceil(budget_ms / max(slowest, 1e-3)))))
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
     p90 = times[min(len(times) - 1, int(np.ceil(0.9 * len(times))) - 1)]
-    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(p90, 3), "repeats": repeats}
+    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(p90, 3), "repeats": len(times)}
 
 
 def torch_unet_latency(unet, inputs: dict[str, np.ndarray], warmup: int, repeats: int, device: str = "cpu") -> dict:

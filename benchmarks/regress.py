@@ -1,11 +1,12 @@
 """Regression gate: compare a run's report.json with a committed baseline.
 
-    regressions = compare(report, baseline, Tolerances(latency_ratio=2.0))
+    regressions = compare(report, baseline, Tolerances(speedup_ratio=1.5))
     # `compress bench runs/ci --baseline benchmarks/results/baseline-default.json` exits 1 on any
 
 Checked, each row keyed so the same measurement is compared (stage / runtime / profile /
-component / batch / method): latency median_ms (ratio, with an absolute allowance for
-sub-millisecond rows: CI machines are noisy), peak RSS (ratio), per stage (the exported,
+component / batch / method): the deliverable's speed-up over the source (ratio; absolute latency
+median_ms only with `absolute_latency`, as a ratio with an absolute allowance for sub-millisecond
+rows), peak RSS (ratio), per stage (the exported,
 quantized and ORT models' rows too) leakage per erased concept, held-out leakage and attack
 success (+points), retain accuracy (-points), judge FID (+absolute), size (+percent), and export
 parity (max_abs_err against the row's own tolerance).
@@ -21,14 +22,19 @@ would silently mean "no change at all". With n the baseline's image count (`leak
 (ConfigError, exit 2); the defaults are 2 / 3 points or one image, whichever is larger. A report
 that judged fewer images than its baseline (or gives no count where the baseline does) fails
 (`FEWER IMAGES`): a smaller sample would otherwise widen its own gate.
-Latency is compared only when both reports come from the same machine (CPU model and core count
-in `report["machine"]`); on another machine its rows say "other machine" and do not fail, since a
-ratio to another computer's speed measures the computer, not the change. The same model of VM is
-not one speed either (the same UNet forward took 28 ms one day and 37-72 ms within minutes
-another), so where both reports carry `machine.speed_probe_ms` (`benchmarks.latency.speed_probe`,
-a fixed CPU workload timed around the latency rows) the limits of CPU rows are scaled by the ratio
-of the two probes, shown as an `info` row; a report without a usable probe is held to the
-unscaled limits.
+Speed is gated as the deliverable's speed-up over the source (`side_by_side` rows: both models
+timed in turns in one run, benchmarks/side_by_side.py): each speed-up >= the baseline's /
+`speedup_ratio` (an `info` row where the baseline's deliverable ran under `latency_ms`, 1 ms:
+there the ratio is timer noise). A ratio measured within one run holds on a shared machine where absolute times do
+not: the same digits UNet forward took 28 ms one day and 37-72 ms within minutes another, and a CI
+run measured the source UNet 1.4x slower while a fixed CPU probe ran 10% faster. So absolute
+latencies are shown as `info` rows (a missing or NaN one still fails); `absolute_latency=True`
+(`--absolute-latency`, for a quiet, dedicated machine) gates them too, each limit scaled for CPU
+rows by the ratio of the two runs' `machine.speed_probe_ms` (a fixed CPU workload timed around the
+latency rows) where both carry one.
+Latency and speed-ups are compared only when both reports come from the same machine (CPU model
+and core count in `report["machine"]`); on another machine their rows say "other machine" and do
+not fail, since a ratio to another computer's speed measures the computer, not the change.
 """
 
 from __future__ import annotations
@@ -48,12 +54,14 @@ class Tolerances:
 
     latency_ratio: float = 1.5  # current median_ms <= baseline x this ...
     latency_ms: float = 1.0  # ... or <= baseline + this: sub-millisecond rows are timer and scheduler noise
+    # (and speed-ups of components whose baseline deliverable ran under this are shown, not gated)
     memory_ratio: float = 1.5  # current peak_rss_bytes <= baseline x this
     leakage_points: float | None = None  # leakage, held-out leakage, attack success (points) <= baseline + this
     retain_points: float | None = None  # retain accuracy (points) >= baseline - this; unset: DEFAULT_POINTS
     fid_increase: float = 0.25  # judge FID <= baseline + this (absolute)
     size_percent: float = 5.0  # size_bytes <= baseline x (1 + this / 100)
     parity_ratio: float = 1.0  # max_abs_err <= the row's tolerance x this
+    speedup_ratio: float = 1.3  # side-by-side speed-up >= baseline / this
 
     @classmethod
     def from_overrides(cls, overrides: list[str]) -> Tolerances:
@@ -100,6 +108,7 @@ def _key(row: dict[str, Any], fields: tuple[str, ...]) -> str:
 
 _LATENCY_KEY = ("runtime", "profile", "stage", "component", "batch", "method", "steps")
 _MEMORY_KEY = ("runtime", "profile", "stage", "component")
+_SIDE_KEY = ("component", "batch", "method")
 _PARITY_KEY = ("component", "format", "reference")
 # report.json `attack.<label>` figures that are shares of images judged as the concept
 ATTACK_SHARES = ("heldout_leakage", "plain", "prompt_attack", "soft_prompt_attack", "embedding_attack")
@@ -188,11 +197,15 @@ def _allowed(metric: str, keys: tuple[str, ...]) -> bool:
 
 
 def check_all(
-    report: dict[str, Any], baseline: dict[str, Any], tol: Tolerances, allow_missing: tuple[str, ...] = ()
+    report: dict[str, Any],
+    baseline: dict[str, Any],
+    tol: Tolerances,
+    allow_missing: tuple[str, ...] = (),
+    absolute_latency: bool = False,
 ) -> list[Regression]:
     """Every comparison, passed or not, in report order; raises ConfigError for a tolerance finer
     than one image of the samples compared. `allow_missing`: metrics (see `_allowed`) whose absence
-    from the report is intended."""
+    from the report is intended; `absolute_latency`: gate absolute latencies too (else `info`)."""
     rows: list[Regression] = []
     erase_now, erase_base = (r.get("model", {}).get("erase") for r in (report, baseline))
     if erase_base is not None and sorted(erase_now or []) != sorted(erase_base):
@@ -201,26 +214,14 @@ def check_all(
     for base in baseline.get("stages", []):
         rows += _stage_rows(base["name"], base, current_stages.get(base["name"], {}), tol)
     same_machine = _machine(report) == _machine(baseline)
-    speed = _speed_ratio(report, baseline)
-    if speed != 1.0:
-        probes = [r["machine"][SPEED_PROBE] for r in (baseline, report)]
-        rows.append(Regression(f"machine {SPEED_PROBE} (CPU latency limits x{speed:.2f})", *probes, None, "info"))
-    for section, keys, field, ratio in (
-        ("latency", _LATENCY_KEY, "median_ms", tol.latency_ratio),
-        ("memory", _MEMORY_KEY, "peak_rss_bytes", tol.memory_ratio),
-    ):
-        current = {_key(r, keys): r for r in report.get(section, [])}
-        for base in baseline.get(section, []):
-            key = _key(base, keys)
-            b, c = base.get(field), current.get(key, {}).get(field)
-            if b is None:
-                continue
-            if section == "latency" and not same_machine and c is not None and not _is_nan(c):  # missing/NaN fail
-                rows.append(Regression(f"{section} {key}", b, c, None, "other machine"))
-            else:
-                scale = speed if section == "latency" and _on_cpu(base) else 1.0
-                limit = max(b * scale * ratio, b * scale + tol.latency_ms) if section == "latency" else b * ratio
-                rows.append(_check(f"{section} {key}", b, c, limit, True))
+    rows += _speedup_rows(report, baseline, tol, same_machine)
+    rows += _latency_rows(report, baseline, tol, same_machine, absolute_latency)
+    current = {_key(r, _MEMORY_KEY): r for r in report.get("memory", [])}
+    for base in baseline.get("memory", []):
+        key, b = _key(base, _MEMORY_KEY), base.get("peak_rss_bytes")
+        if b is not None:
+            c = current.get(key, {}).get("peak_rss_bytes")
+            rows.append(_check(f"memory {key}", b, c, b * tol.memory_ratio, True))
     current = {_key(r, _PARITY_KEY): r for r in report.get("parity", [])}
     for base in baseline.get("parity", []):
         key = _key(base, _PARITY_KEY)
@@ -234,6 +235,54 @@ def check_all(
         else r
         for r in rows
     ]
+
+
+def _unmeasured(metric: str, b: float, c: Any, same_machine: bool) -> Regression | None:
+    """The row of a figure not compared: missing or NaN (fails), or from another machine (passes)."""
+    if c is None or _is_nan(c):
+        return _check(metric, b, c, None, True)
+    return None if same_machine else Regression(metric, b, c, None, "other machine")
+
+
+def _speedup_rows(report, baseline, tol: Tolerances, same_machine: bool) -> list[Regression]:
+    """The deliverable's speed-up over the source, per component and per image: >= baseline / speedup_ratio."""
+    side_base, side_now = (r.get("side_by_side") or {} for r in (baseline, report))
+    runtime = side_base.get("runtime")
+    current = {_key(r, _SIDE_KEY): r for r in side_now.get("rows", []) if side_now.get("runtime") == runtime}
+    rows = []
+    for base in side_base.get("rows", []):
+        key, b = _key(base, _SIDE_KEY), base.get("speedup")
+        if b is None:
+            continue
+        metric, c = f"speedup {runtime}/{key}", current.get(key, {}).get("speedup")
+        row = _unmeasured(metric, b, c, same_machine)
+        if row is None and base.get("deliverable_ms", 0) < tol.latency_ms:  # a ratio of timer noise
+            row = Regression(metric, b, c, None, "info")
+        rows.append(row or _check(metric, b, c, b / tol.speedup_ratio, False))
+    return rows
+
+
+def _latency_rows(report, baseline, tol: Tolerances, same_machine: bool, absolute: bool) -> list[Regression]:
+    """Absolute latencies: `info` unless `absolute`; then limits scaled by the machines' speed probes."""
+    speed = _speed_ratio(report, baseline) if absolute else 1.0
+    rows = []
+    if speed != 1.0:
+        probes = [r["machine"][SPEED_PROBE] for r in (baseline, report)]
+        rows.append(Regression(f"machine {SPEED_PROBE} (CPU latency limits x{speed:.2f})", *probes, None, "info"))
+    current = {_key(r, _LATENCY_KEY): r for r in report.get("latency", [])}
+    for base in baseline.get("latency", []):
+        key, b = _key(base, _LATENCY_KEY), base.get("median_ms")
+        if b is None:
+            continue
+        metric, c = f"latency {key}", current.get(key, {}).get("median_ms")
+        row = _unmeasured(metric, b, c, same_machine or not absolute)
+        if row is None and not absolute:
+            row = Regression(metric, b, c, None, "info")
+        if row is None:
+            scale = speed if _on_cpu(base) else 1.0
+            row = _check(metric, b, c, max(b * scale * tol.latency_ratio, b * scale + tol.latency_ms), True)
+        rows.append(row)
+    return rows
 
 
 def _machine(report: dict[str, Any]) -> dict[str, Any]:
@@ -261,9 +310,11 @@ def compare(
     baseline: dict[str, Any],
     tolerances: Tolerances | None = None,
     allow_missing: tuple[str, ...] = (),
+    absolute_latency: bool = False,
 ) -> list[Regression]:
     """The regressions of `report` against `baseline` (empty: the gate passes)."""
-    return [r for r in check_all(report, baseline, tolerances or Tolerances(), allow_missing) if r.failed]
+    rows = check_all(report, baseline, tolerances or Tolerances(), allow_missing, absolute_latency)
+    return [r for r in rows if r.failed]
 
 
 def _fmt(value: float | None) -> str:

@@ -64,6 +64,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     plots = set(report.get("plots", []))
     lines = _header(report)
     lines += _stages_section(report, plots)
+    lines += _side_by_side_section(report)
     lines += _latency_section(report, plots)
     lines += _memory_section(report)
     lines += ["## Parity (each format against its reference)", ""]
@@ -75,10 +76,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _header(report: dict[str, Any]) -> list[str]:
     """Title, model, warnings and the device profile."""
+    from benchmarks.side_by_side import headline
+
     model = report.get("model", {})
-    lines = [
-        "# diffusion-compress report",
-        "",
+    lines = ["# diffusion-compress report", ""]
+    line = headline(report)
+    if line:
+        lines += [f"**{line}**", ""]
+    lines += [
         f"- model: `{model.get('source')}`",
         f"- target: {model.get('target')}, recipe: `{model.get('recipe')}`",
         f"- erase: {', '.join(model.get('erase', [])) or 'none'}",
@@ -141,6 +146,25 @@ def _stages_section(report: dict[str, Any], plots: set[str]) -> list[str]:
     if "samples.png" in plots:
         lines += ["![sample images per stage, erased concepts in red](samples.png)", ""]
     return lines
+
+
+SIDE_COLUMNS = ["component", "batch", "method", "source_ms", "deliverable_ms", "speedup", "size_ratio"]
+
+
+def _side_by_side_section(report: dict[str, Any]) -> list[str]:
+    side = report.get("side_by_side")
+    if not side:
+        return []
+    how = {name: side[name] for name in ("source", "deliverable")}
+    lines = ["## Side by side with the source", ""]
+    for name, info in how.items():
+        guided = f"guidance {info['guidance_scale']}" if info.get("guidance_scale") is not None else "no guidance"
+        lines.append(f"- {name} (`{info['stage']}`): {info['steps']} UNet steps per image, {guided}")
+    lines += [
+        f"- {side['runtime']} on {side['provider']}, threads {side['threads'] or 'default'}, the two timed in turns",
+        "",
+    ]
+    return lines + _table(side.get("rows", []), [*SIDE_COLUMNS, "repeats"])
 
 
 LATENCY_COLUMNS = ["runtime", "profile", "stage", "component", "batch", "steps", "method", "median_ms", "p90_ms"]

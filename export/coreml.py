@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from export.validate import PSNR_CEILING_DB, ParityError, phase, psnr, require_pipeline
+from toolchain.models.rebuild import allow_batch_one
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ INTERESTING_OPS = (
     "conv",
     "linear",
 )
-UNET_BATCH = 2  # the Swift package always runs the UNet on [unconditional, conditional]
+UNET_BATCH = 2  # the Swift package always runs the UNet on [unconditional, conditional] (a generator: 1)
 REFERENCE_SEED = 0
 # Apple's ml-stable-diffusion refuses a converted component below 35 dB PSNR; so do we (macOS only).
 PSNR_FLOOR_DB = 35.0
@@ -189,7 +190,7 @@ class UNetForCoreML(torch.nn.Module):
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
+        self.unet = allow_batch_one(unet)  # a k-step generator's package takes batch 1
 
     def forward(self, sample, timestep, encoder_hidden_states):
         encoder_hidden_states = encoder_hidden_states.squeeze(2).transpose(1, 2)  # [B, D, 1, L] -> [B, L, D]
@@ -214,17 +215,23 @@ def _text_encoder_inputs(pipe, rng) -> dict[str, np.ndarray]:
     return {"input_ids": ids}
 
 
+def unet_batch(pipe) -> int:
+    """The UNet package's fixed batch: 2 for a diffusion model, 1 for a k-step generator (the
+    folder `pipe` was loaded from has onestep.json), which runs unguided: no duplicated batch."""
+    from toolchain.runtime.schedule import read_schedule
+
+    return 1 if read_schedule(getattr(pipe, "name_or_path", None)) else UNET_BATCH
+
+
 def _unet_inputs(pipe, rng) -> dict[str, np.ndarray]:
-    config = pipe.unet.config
+    config, batch = pipe.unet.config, unet_batch(pipe)
     size = config.sample_size
     seq_len = pipe.text_encoder.config.max_position_embeddings
     step = float(rng.integers(0, pipe.scheduler.config.get("num_train_timesteps", 1000)))
     return {
-        "sample": rng.standard_normal((UNET_BATCH, config.in_channels, size, size), dtype=np.float32),
-        "timestep": np.full((UNET_BATCH,), step, dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal(
-            (UNET_BATCH, config.cross_attention_dim, 1, seq_len), dtype=np.float32
-        ),
+        "sample": rng.standard_normal((batch, config.in_channels, size, size), dtype=np.float32),
+        "timestep": np.full((batch,), step, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, config.cross_attention_dim, 1, seq_len), dtype=np.float32),
     }
 
 

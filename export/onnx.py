@@ -29,14 +29,14 @@ What stays ours, because optimum does not do it or does it differently:
   deep-copies the VAE twice.
 - Trace shapes: batch 2, the text encoder's full sequence length and the UNet's own latent size
   (optimum's defaults are batch 2, 16 tokens, 64x64); optimum's `fix_dynamic_axes` is switched off,
-  the parity check at batch 3 shows whether a shape got baked in.
+  the parity checks at batch 3 and 1 show whether a shape got baked in.
 - External data above 2 GB: optimum gathers the TorchScript exporter's per-tensor files through
   `onnx.load(load_external_data=True)`, holding every weight a second time (3.4 GB for SD-1.5 beside
   the caller's PyTorch copy). Its check is switched off for the call and we gather file to file
   (`_gather_external_data`, 3.4 -> 0.16 GB measured on SD-1.5), small tensors inline as optimum
   keeps them, and we also move weights out below 2 GiB when `external_data_threshold` asks.
 - The parity gate: optimum's `validate_model_outputs` raises on an absolute tolerance with its own
-  random inputs and returns no numbers. Ours runs fixed inputs at batch 3, enforces a per-component
+  random inputs and returns no numbers. Ours runs fixed inputs at batch 3 and 1, enforces a per-component
   max abs error and a 35 dB PSNR floor, and returns both numbers for the manifest.
 - The k-step generator's schedule file (`onestep.json`), copied beside model_index.json, and
   configs without the build machine's `_name_or_path`.
@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from export.validate import ParityError, onnx_parity, phase, require_pipeline
+from toolchain.models.rebuild import allow_batch_one
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,11 @@ EXTERNAL_DATA_NAME = "model.onnx_data"
 # travels with the UNet so every runner samples the exported model as the generator it is.
 GENERATOR_SCHEDULE = "onestep.json"
 # Traced at batch 2 (one guided image: what every SD runtime feeds the UNet) and checked at
-# batch 3, which proves the batch axis really is dynamic. Not batch 1: a channel-pruned UNet can
-# keep one channel per GroupNorm group at its 1x1 innermost resolution, where torch refuses a
-# single value per group.
+# batch 3, which proves the batch axis really is dynamic, and at batch 1, where a k-step generator
+# runs (no guidance duplication) and where a channel-pruned UNet can keep one channel per GroupNorm
+# group at its 1x1 innermost level (toolchain.models.rebuild.OneChannelGroupNorm runs it in torch).
 EXPORT_BATCH = 2
-PARITY_BATCH = 3
+PARITY_BATCHES = (3, 1)
 PARITY_SEED = 0
 
 
@@ -115,7 +116,7 @@ class UNetForExport(torch.nn.Module):
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
+        self.unet = allow_batch_one(unet)  # checked at batch 1 too, where a generator runs
         self.config = unet.config
 
     def forward(self, sample, timestep, encoder_hidden_states):
@@ -123,7 +124,7 @@ class UNetForExport(torch.nn.Module):
 
 
 class VaeDecoderForExport(torch.nn.Module):
-    """AutoencoderKL.decode without scaling: latent_sample [B, 4, h, w] -> sample [B, 3, 8h, 8w] (8 = 2^(blocks-1))."""
+    """AutoencoderKL (or AutoencoderTiny) .decode without scaling: latent_sample [B, 4, h, w] -> sample [B, 3, 8h, 8w]."""
 
     def __init__(self, vae):
         super().__init__()
@@ -212,9 +213,15 @@ def _vae_decoder_spec(pipe) -> dict[str, Any]:
         shape = (batch, vae_config.latent_channels, latent_size, latent_size)
         return {"latent_sample": rng.standard_normal(shape, dtype=np.float32)}
 
+    onnx_config = vae_config
+    if "up_block_types" not in vae_config:  # AutoencoderTiny (stage decoder): optimum reads it to name output axes
+        from diffusers.configuration_utils import FrozenDict
+
+        levels = len(vae_config.block_out_channels)
+        onnx_config = FrozenDict({**vae_config, "up_block_types": ["UpDecoderBlock2D"] * levels})
     return {
         "module": VaeDecoderForExport(pipe.vae),
-        "onnx_config": VaeDecoderOnnxConfig(vae_config, task="semantic-segmentation"),
+        "onnx_config": VaeDecoderOnnxConfig(onnx_config, task="semantic-segmentation"),
         "trace_shapes": {"batch_size": EXPORT_BATCH, "height": latent_size, "width": latent_size},
         "make_inputs": make_inputs,
         "save_config": pipe.vae.save_config,
@@ -418,11 +425,13 @@ def _export_component(pipe, name: str, out_dir: Path, opset: int, external_data_
         spec["save_config"](component_dir)
         export_s = time.perf_counter() - start
         with phase(name, "validate", phases_s):
-            max_abs_err, psnr_db = onnx_parity(
-                component_dir / "model.onnx",
-                module,
-                spec["make_inputs"](PARITY_BATCH, np.random.default_rng(PARITY_SEED + 1)),
-            )
+            checks = [
+                onnx_parity(
+                    component_dir / "model.onnx", module, spec["make_inputs"](b, np.random.default_rng(PARITY_SEED + 1))
+                )
+                for b in PARITY_BATCHES
+            ]
+            max_abs_err, psnr_db = max(c[0] for c in checks), min(c[1] for c in checks)
     finally:
         wrapped.train(was_training)
     del spec, module, wrapped
@@ -498,7 +507,7 @@ def export_onnx(
     """Write `pipe` (a diffusers StableDiffusionPipeline, fp32) to `out_dir` in optimum's ONNX layout.
 
     Each component is traced at batch 2 by optimum's exporter, then run in onnxruntime
-    (CPUExecutionProvider) and in PyTorch on the same fixed random inputs at batch 3. Parity
+    (CPUExecutionProvider) and in PyTorch on the same fixed random inputs at batches 3 and 1. Parity
     numbers: `max_abs_err`, the largest absolute difference over all outputs, and `psnr_db`, the
     lowest PSNR over all outputs, with each PyTorch output's peak-to-peak range as the signal range
     (`export.validate.psnr`). A component whose error passes its tolerance (DEFAULT_TOLERANCES,

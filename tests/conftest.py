@@ -26,6 +26,18 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The cross-run cache (toolchain/cache.py) of this test session: never the user's ~/.cache."""
+    previous = os.environ.get("COMPRESS_CACHE")
+    os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("compress-cache"))
+    yield Path(os.environ["COMPRESS_CACHE"])
+    if previous is None:
+        os.environ.pop("COMPRESS_CACHE")
+    else:
+        os.environ["COMPRESS_CACHE"] = previous
+
+
 def pytest_collection_modifyitems(config, items):
     """Hardware markers skip by capability, never by branches in the tests."""
     import sys

@@ -15,12 +15,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 # results whose JSON names no `command` of its own: the files of the code that writes them
 WRITERS = {
     "baseline-default.json": ["toolchain/stages/benchmark.py", "benchmarks/report.py"],  # a run's report.json
+    "baseline-fastest.json": ["toolchain/stages/benchmark.py", "benchmarks/report.py"],  # --recipe fastest's
     "int8-digits.json": ["benchmarks/studies/int8_speed.py"],
     "int8-speed.json": ["benchmarks/studies/int8_speed.py"],
 }
 # results whose .md is rendered from the .json by the writer's `to_markdown`, plus the hand-written section
 RENDERED = {"attack-digits": "benchmarks.studies.attack_digits", "onestep-digits": "benchmarks.studies.onestep_digits"}
 RENDERED["finetune-digits"] = "benchmarks.studies.finetune_digits"
+RENDERED["decoder"] = "benchmarks.studies.decoder"
 RESULT_FILES = sorted(p.name for p in RESULTS.glob("*.json"))
 # Results recorded before the studies moved to benchmarks/studies/ name their script by its old
 # module path, as the code that wrote them did; the JSON stays as written, this resolves the name.

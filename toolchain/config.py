@@ -418,6 +418,38 @@ def check_finetune(cfg: FinetuneConfig, erase: list[str]) -> None:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """A tiny VAE decoder distilled from the pipeline's own (stage `decoder`, toolchain/finetune/decoder.py):
+    convolutional, no attention (diffusers' AutoencoderTiny, the TAESD layout), one level per level
+    of the VAE it replaces; trained on the model's own latents (the teacher samples finetune uses)
+    to draw the images the VAE draws."""
+
+    enabled: bool = False
+    channels: int = 64  # width of every level (TAESD: 64)
+    blocks: int = 3  # residual conv blocks per level (TAESD: 3; the last level has 1)
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    structure_weight: float = 1.0  # weight of the edge and multi-scale terms beside the pixel L1
+    encoder_weight: float = 1.0  # its encoder is distilled too (img2img in PyTorch), weight of its loss
+    held_out: float = 0.1  # share of latents kept out of training to measure the decoder
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("channels", "blocks", "steps", "batch_size"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ConfigError(f"decoder.{name}={getattr(self, name)}: must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"decoder.lr={self.lr}: must be > 0, e.g. 1e-3")
+        for name in ("structure_weight", "encoder_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"decoder.{name}={getattr(self, name)}: must be >= 0")
+        if not 0 < self.held_out < 1:
+            raise ConfigError(f"decoder.held_out={self.held_out}: must be in (0, 1), e.g. 0.1")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """Export to the target's format with a parity gate against PyTorch (stage `export`)."""
 
@@ -558,6 +590,10 @@ class BenchmarkConfig:
     # clip_template with the concept label in place of {}
     clip_model: str = ""
     clip_template: str = "{}"
+    # time the deliverable against the unpruned fp32 source exported to the same runtime, in turns
+    # (report.json `side_by_side`, report.md's first line); the source's export is cached across runs
+    side_by_side: bool = True
+    side_by_side_ms: float = 3000.0  # each side-by-side row takes turns until the slower model ran this long
 
     def __post_init__(self):
         for name in ("batch", "repeats", "eval_steps"):
@@ -566,6 +602,8 @@ class BenchmarkConfig:
         for name in ("warmup", "threads", "eval_images_per_prompt"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"benchmark.{name}={getattr(self, name)}: must be >= 0")
+        if not self.side_by_side_ms >= 0:
+            raise ConfigError(f"benchmark.side_by_side_ms={self.side_by_side_ms}: must be >= 0, e.g. 3000")
         if "{}" not in self.clip_template:
             raise ConfigError(f"benchmark.clip_template={self.clip_template!r}: must contain {{}} for the label")
 
@@ -634,6 +672,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # a distilled tiny VAE decoder (optional)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
@@ -651,6 +690,13 @@ class FinetuneSettings:
     finetune: FinetuneConfig
     erase: list[str]
     data: dict[str, str] | None = None  # content hash of every image folder the stage trains on
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    decoder: DecoderConfig
+    finetune: FinetuneConfig  # its prompts and sampler settings pick the teacher samples (a cache hit after finetune)
+    erase: list[str]
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from toolchain import artifact as art
+from toolchain.cache import default_cache_dir
 from toolchain.config import (
     BenchmarkSettings,
     ConceptPruneSettings,
     ConfigError,
+    DecoderSettings,
     FinetuneSettings,
     QuantizeSettings,
     RunConfig,
@@ -57,6 +59,8 @@ class RunContext:
     out_dir: Path  # the stage's `.partial` folder: the only place it writes
     chain: list[art.Artifact]  # sealed artifacts before this stage, source first
     progress: bool = True
+    # the cross-run cache (toolchain/cache.py): what costs the same for every run of one model
+    cache_dir: Path = field(default_factory=default_cache_dir)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ STAGES = {
     "prune": Stage("prune", 1, lambda c: c.prune),
     "finetune": Stage("finetune", 1, _finetune_settings),
     "concept_prune": Stage("concept_prune", 1, lambda c: ConceptPruneSettings(c.concept_prune, list(c.erase))),
+    "decoder": Stage(
+        "decoder", 1, lambda c: DecoderSettings(c.decoder, resolve_finetune(c.finetune, c.erase), list(c.erase))
+    ),
     "export": Stage("export", 1, lambda c: c.export),
     "quantize": Stage("quantize", 1, lambda c: QuantizeSettings(c.quantize, list(c.erase))),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization),
@@ -115,6 +122,13 @@ def plan(cfg: RunConfig) -> list[Stage]:
         if not cfg.erase:
             raise ConfigError("concept_prune.enabled=true needs a concept to erase; pass --erase CONCEPT")
         stages.append(STAGES["concept_prune"])
+    if cfg.decoder.enabled:
+        if cfg.target != "coreml" and "vae_encoder" in cfg.export.components:
+            raise ConfigError(
+                "decoder.enabled=true replaces the VAE by a tiny one, whose encoder does not export; "
+                "drop vae_encoder from export.components"
+            )
+        stages.append(STAGES["decoder"])
     # Core ML converts from PyTorch; ORT format converts the ONNX export
     if cfg.target == "coreml":
         if cfg.quantize.enabled or cfg.quantize.fp16:
@@ -417,6 +431,9 @@ def _deploy(cfg: RunConfig, folder: RunFolder, chain: list[art.Artifact]) -> Non
     names = ["report.json", "report.md", *plots]
     for name in names:
         shutil.copy2(report.path / name, staging / name)
+    card = report.path / "model_card.md"  # the benchmark stage's model card, as the hub names it
+    if card.is_file():
+        shutil.copy2(card, staging / "README.md")
     folder.remove(deploy.relative_to(out).as_posix())
     files = [(deploy / p.relative_to(staging)).relative_to(out).as_posix() for p in staging.rglob("*") if p.is_file()]
     folder.record(deploy.relative_to(out).as_posix(), *files)  # before the rename, as for stages

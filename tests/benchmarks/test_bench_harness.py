@@ -104,6 +104,7 @@ def test_gate_passes_on_baseline_and_fails_on_doctored_report(finished_run, tmp_
     assert "no regression" in capsys.readouterr().out
 
     worse = _report(finished_run[0])
+    next(r for r in worse["side_by_side"]["rows"] if r.get("method") == "measured")["speedup"] /= 2
     next(r for r in worse["latency"] if r["component"] == "unet" and r["runtime"] == "onnxruntime")["median_ms"] *= 3
     worse["stages"][-1]["size_bytes"] = int(worse["stages"][-1]["size_bytes"] * 1.2)
     worse["parity"][0]["max_abs_err"] = worse["parity"][0]["tolerance"] * 10
@@ -112,8 +113,12 @@ def test_gate_passes_on_baseline_and_fails_on_doctored_report(finished_run, tmp_
     assert main(["bench", str(doctored), "--baseline", str(report_path)]) == 1
     table = capsys.readouterr().out
     assert table.count("REGRESSION") == 3 and "metric" in table and "limit" in table
-    # a looser tolerance lets the latency through; bad input is exit 2, not a gate failure
-    assert main(["bench", str(doctored), "--baseline", str(report_path), "--tolerance", "latency_ratio=4"]) == 1
+    assert "speedup onnxruntime/image/1/measured" in table
+    # absolute latency is gated only where asked (a quiet machine); a looser tolerance lets the speed-up
+    # through; bad input is exit 2, not a gate failure
+    assert main(["bench", str(doctored), "--baseline", str(report_path), "--absolute-latency"]) == 1
+    assert capsys.readouterr().out.count("REGRESSION") == 4
+    assert main(["bench", str(doctored), "--baseline", str(report_path), "--tolerance", "speedup_ratio=2.5"]) == 1
     assert capsys.readouterr().out.count("REGRESSION") == 2
     assert main(["bench", str(doctored), "--baseline", str(report_path), "--tolerance", "speed=2"]) == 2
     assert main(["bench", str(doctored), "--baseline", str(tmp_path / "missing.json")]) == 2
@@ -133,23 +138,28 @@ def test_gate_on_committed_baseline():
     assert failed == {"retain_accuracy", "fid", "memory"}
 
 
-def test_gate_compares_latency_only_on_the_same_machine():
+def test_gate_compares_speed_only_on_the_same_machine():
+    """On the committed baseline: a deliverable 3x slower against its source fails as a speed-up;
+    3x slower absolute times fail only with absolute_latency; on another CPU neither compares."""
     from benchmarks.regress import Tolerances, check_all, compare
 
     baseline = json.loads((REPO / "benchmarks" / "results" / "baseline-default.json").read_text())
-    assert baseline["machine"]["cores"] >= 1
+    assert baseline["machine"]["cores"] >= 1 and baseline["side_by_side"]["rows"]
     slower = copy.deepcopy(baseline)
     for row in slower["latency"]:
         row["median_ms"] *= 3
-    assert {r.metric.split()[0] for r in compare(slower, baseline)} == {"latency"}
+    for row in slower["side_by_side"]["rows"]:
+        row["speedup"] /= 3
+    assert {r.metric.split()[0] for r in compare(slower, baseline)} == {"speedup"}
+    assert {r.metric.split()[0] for r in compare(slower, baseline, absolute_latency=True)} == {"speedup", "latency"}
     jitter = copy.deepcopy(baseline)  # a sub-millisecond row 1.6x slower is within the 1 ms allowance
     fast = next(r for r in jitter["latency"] if r["median_ms"] < 1.0)
     fast["median_ms"] *= 1.6
-    assert compare(jitter, baseline) == []
+    assert compare(jitter, baseline, absolute_latency=True) == []
     slower["machine"] = {**baseline["machine"], "cpu": "another CPU"}
-    rows = [r for r in check_all(slower, baseline, Tolerances()) if r.metric.startswith("latency")]
+    rows = [r for r in check_all(slower, baseline, Tolerances(), absolute_latency=True) if "latency" in r.metric]
     assert rows and all(r.verdict == "other machine" and not r.failed for r in rows)
-    assert compare(slower, baseline) == []
+    assert compare(slower, baseline, absolute_latency=True) == []
 
 
 def test_plots_are_pngs(finished_run, tmp_path):
@@ -240,3 +250,124 @@ def test_cuda_peak_memory():
 
     peak = cuda_peak_bytes(lambda: torch.ones(1024, 1024, device="cuda").sum())
     assert peak >= 4 * 1024 * 1024
+
+
+def test_time_interleaved_takes_turns():
+    """Every round calls each callable once, the order reversed every other round."""
+    from benchmarks.latency import time_interleaved
+
+    calls = []
+    timing = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=4)
+    assert "".join(calls) == "ab" + "abbaabba"
+    assert timing["a"]["repeats"] == timing["b"]["repeats"] == 4
+
+
+def test_side_by_side_times_the_deliverable_against_the_unpruned_source(finished_run, private_cache):
+    """report.json `side_by_side`: each component and a whole image of the deliverable against the
+    source exported to the same runtime (the real unpruned source: its UNet matches PyTorch's), the
+    export cached outside the run and reused; report.md opens with the speed-up line."""
+    import numpy as np
+    import torch
+
+    from toolchain import artifact as art
+    from toolchain.models.io import load_unet
+    from toolchain.pipeline import RunContext
+    from toolchain.runtime.ort import component_inputs, ort_feed, ort_session
+    from toolchain.stages.benchmark import _source_export
+
+    run_dir = finished_run[0]
+    side = _report(run_dir)["side_by_side"]
+    rows = {(r["component"], r.get("method")): r for r in side["rows"]}
+    assert set(rows) == {(c, None) for c in ("text_encoder", "unet", "vae_decoder")} | {
+        ("image", "composed"),
+        ("image", "measured"),
+    }
+    unet = rows[("unet", None)]
+    assert unet["size_ratio"] < 0.6 and unet["speedup"] == pytest.approx(
+        unet["source_ms"] / unet["deliverable_ms"], 1e-2
+    )
+    assert rows[("text_encoder", None)]["size_ratio"] == 1.0  # pruning leaves the text encoder alone
+    assert (side["source"]["stage"], side["deliverable"]["stage"]) == ("source", "export")
+    cached = Path(side["source"]["export_cache"])
+    assert private_cache in cached.parents and run_dir not in cached.parents
+    cache = _report(run_dir)["cache"]  # where the cache is and what it holds, per kind
+    assert (
+        cache["dir"] == str(private_cache) and cache["bytes"]["source-exports"] >= side["source"]["export_cache_bytes"]
+    )
+    assert (cached / "unet" / "model.onnx").stat().st_size == unet["source_bytes"]
+
+    chain = [art.load(p) for p in sorted(run_dir.glob("[0-9][0-9]-*")) if not p.name.endswith("benchmark")]
+    source = chain[0].files
+    inputs = component_inputs(source, "unet", 2, 0)
+    session, _ = ort_session(cached / "unet" / "model.onnx")
+    expected = load_unet(source / "unet")(
+        *(torch.from_numpy(inputs[k]) for k in ("sample", "timestep")),
+        encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]),
+    ).sample
+    np.testing.assert_allclose(session.run(None, ort_feed(session, inputs))[0], expected.detach().numpy(), atol=1e-4)
+
+    before = (cached / "unet" / "model.onnx").stat().st_mtime_ns
+    ctx = RunContext(run_dir=run_dir, out_dir=run_dir, chain=chain, progress=False)
+    folder, info = _source_export(chain, ctx)
+    assert folder == cached and info["hit"] and (cached / "unet" / "model.onnx").stat().st_mtime_ns == before
+    assert (
+        (run_dir / "report.md")
+        .read_text()
+        .splitlines()[2]
+        .startswith(f"**{rows[('image', 'measured')]['speedup']:.1f}x faster per image")
+    )
+
+
+def test_model_card_ships_with_the_deliverable(finished_run):
+    """deploy/<target>/README.md: a hub model card whose figures are the report's own."""
+    import yaml
+
+    run_dir = finished_run[0]
+    card = (run_dir / "deploy" / "onnx" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["pipeline_tag"] == "text-to-image" and "onnx" in header["tags"]
+    assert header["license"] == "other" and "names no license" in card  # the tiny source has no card
+    measured = next(r for r in _report(run_dir)["side_by_side"]["rows"] if r.get("method") == "measured")
+    assert f"| speed-up per image vs the source (onnxruntime, timed in turns) | {measured['speedup']:.2f}x" in card
+    assert "ORTStableDiffusionPipeline" in card and "- `prune`: method=channels, ratio=0.3" in card
+
+
+def test_model_card_carries_the_license_and_counts(tmp_path):
+    import yaml
+
+    from benchmarks.model_card import render_card, source_card_header
+
+    (tmp_path / "README.md").write_text("---\nlicense: creativeml-openrail-m\nbase_model: sd-1-5\n---\n# SD\n")
+    final = {
+        "name": "ort",
+        "size_bytes": 2**20,
+        "leakage": {"7": 1 / 28},
+        "leakage_n": {"7": 28},
+        "leakage_ci95": {"7": [0.0063, 0.1771]},
+        "attack": {"7": {"heldout_leakage": 0.0, "heldout_leakage_n": 12, "heldout_leakage_ci95": [0.0, 0.2425]}},
+        "retain_accuracy": 0.96,
+        "retain_n": 252,
+    }
+    report = {
+        "model": {"source": "/models/sd-1-5", "target": "ort", "erase": ["7"]},
+        "stages": [{"name": "source", "size_bytes": 2**21, "retain_accuracy": 0.996}, final],
+        "parity": [
+            {"component": "unet", "format": "ort", "reference": "onnx", "max_abs_err": 1e-6, "tolerance": 1e-4},
+            {"component": "unet", "format": "onnx-int8", "max_abs_err": 0.03, "psnr_db": 31.2, "psnr_floor_db": 20.0},
+        ],
+    }
+    card = render_card(
+        report, [{"stage": "ort", "config": {"optimization_style": "Fixed"}}], source_card_header(tmp_path)
+    )
+    header = yaml.safe_load(card.split("---")[1])
+    assert (header["license"], header["base_model"], header["library_name"]) == (
+        "creativeml-openrail-m",
+        "sd-1-5",
+        "onnxruntime",
+    )
+    assert "concept-erasure" in header["tags"] and "names no license" not in card
+    assert "| leakage of 7 (images judged as 7) | 3.6% (1/28 images, 95% CI 0.6–17.7%) |" in card
+    assert "| leakage of 7 on held-out phrasings | 0.0% (0/12 images, 95% CI 0.0–24.2%) |" in card
+    assert "| size | 1.0 MiB, 50% of the source |" in card and "source 99.6%" in card
+    assert "required_operators.config" in card and "- `ort`: optimization_style=Fixed" in card
+    assert "| parity unet (onnx-int8 vs torch) | max abs error 0.03, PSNR 31.2 dB (floor 20 dB) |" in card

@@ -209,3 +209,17 @@ def test_prediction_matches_pytorch(tiny_pipe, tmp_path):
     for entry in enforced:
         assert entry["psnr_db"] >= PSNR_FLOOR_DB and entry["max_abs_err"] <= entry["tolerance"]
     assert [p["component"] for p in result["parity"] if p["compressed"]] == ["unet"]
+
+
+def test_k_step_generator_ships_at_batch_one(tiny_sd_copy, tmp_path):
+    """A folder with onestep.json is a k-step generator: it runs unguided, so its Unet package
+    takes batch 1 (no [unconditional, conditional] duplication); the schedule travels with it."""
+    from toolchain.models.io import load_pipeline
+    from toolchain.runtime.schedule import write_schedule
+
+    write_schedule(tiny_sd_copy, [625, 312], "epsilon", method="sfd")
+    result = export_coreml(load_pipeline(tiny_sd_copy), tmp_path / "gen", components=("unet",), progress=False)
+    assert result["spec"]["unet"]["inputs"]["sample"]["shape"] == [1, 4, 8, 8]
+    assert result["spec"]["unet"]["inputs"]["timestep"]["shape"] == [1]
+    assert result["spec"]["unet"]["outputs"]["noise_pred"]["shape"] == [1, 4, 8, 8]
+    assert result["generator_schedule"] == [625, 312] and (tmp_path / "gen" / "onestep.json").is_file()

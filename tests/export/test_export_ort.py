@@ -1,7 +1,9 @@
 """`--target ort`: ORT-format models + required_operators.config, checked against the ONNX ones."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +31,12 @@ def test_convert_refuses_bad_input(tmp_path):
         convert_to_ort(tmp_path, tmp_path / "out", progress=False)
 
 
-def test_target_ort_reuses_the_sealed_onnx_export(finished_run, tiny_sd_dir, tmp_path):
+def test_target_ort_reuses_the_sealed_onnx_export(finished_run, tiny_sd_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(finished_run[0], out)
     sealed = manifests(out)
-    code = run(tiny_sd_dir, out, "--target", "ort")
+    monkeypatch.setenv("COMPRESS_CACHE", os.environ["COMPRESS_CACHE"])  # --cache-dir sets it: restored after
+    code = run(tiny_sd_dir, out, "--target", "ort", "--cache-dir", str(tmp_path / "cache"))
     assert code == 0
     now = manifests(out)
     assert now["01-prune"] == sealed["01-prune"] and now["02-export"] == sealed["02-export"]
@@ -44,3 +47,8 @@ def test_target_ort_reuses_the_sealed_onnx_export(finished_run, tiny_sd_dir, tmp
     assert report["model"]["target"] == "ort"
     assert {"onnxruntime", "ort"} <= {row["runtime"] for row in report["latency"]}
     assert {row["format"] for row in report["parity"]} == {"onnx", "ort"}
+    # side by side in the deliverable's own format: the source converted to .ort, cached apart from the run
+    side = report["side_by_side"]
+    assert side["runtime"] == "ort" and side["deliverable"]["stage"] == "ort"
+    source_unet = Path(side["source"]["export_cache"]) / "unet" / "model.ort"
+    assert source_unet.is_file() and (tmp_path / "cache") in source_unet.parents

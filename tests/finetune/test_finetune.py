@@ -85,6 +85,40 @@ def test_teacher_samples_are_cached_and_reused(tiny, tmp_path):
     assert torch.equal(first.latents, again.latents)
 
 
+def test_teacher_sample_shares_add_up_to_the_whole(tiny):
+    """A process's share (`rows`) draws its rows from the same noise: the shares of two processes,
+    concatenated, are the one-process samples."""
+    from toolchain.finetune.data import sample_teacher
+
+    pipe, _, data, _ = tiny
+    cfg = FinetuneConfig(**FAST)
+    prompts = ["", *RETAIN[:2]]
+    whole = sample_teacher(pipe, prompts, cfg)
+    shares = [sample_teacher(pipe, prompts, cfg, rows=r) for r in (range(0, 4), range(4, 6), range(6, 6))]
+    assert [len(s) for s in shares] == [4, 2, 0]
+    torch.testing.assert_close(torch.cat(shares), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_samples_come_from_the_cross_run_cache(tiny, tmp_path, monkeypatch):
+    """Keyed by teacher fingerprint, prompts and settings: the second call with the same teacher
+    generates nothing; another teacher (or seed) makes its own entry."""
+    from toolchain.finetune import data as data_module
+
+    pipe, _, _, _ = tiny
+    cfg = FinetuneConfig(**FAST)
+    first, info = data_module.shared_teacher_samples(pipe, ["", "7"], cfg, tmp_path, "teacher-a")
+    assert not info["hit"] and info["bytes"] > first.numel() * 4 and Path(info["cache"]).parent.parent == tmp_path
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached teacher must not be sampled again")
+
+    monkeypatch.setattr(data_module, "sample_teacher", refuse)
+    again, info = data_module.shared_teacher_samples(pipe, ["", "7"], cfg, tmp_path, "teacher-a")
+    assert info["hit"] and torch.equal(first, again)
+    with pytest.raises(AssertionError, match="must not be sampled"):
+        data_module.shared_teacher_samples(pipe, ["", "7"], cfg, tmp_path, "teacher-b")
+
+
 def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     import numpy as np
     from PIL import Image
@@ -513,6 +547,8 @@ def test_stage_writes_a_pipeline_that_loads(tiny_sd_dir, tmp_path):
     assert result.records["finetune"]["retain_prompts"] == 63
     pipe = load_pipeline(out)
     assert sum(p.numel() for p in pipe.unet.parameters()) == sum(p.numel() for p in unet.parameters())
+    samples = result.records["finetune"]["teacher_samples"]  # made in the cross-run cache, not the folder
+    assert not samples["hit"] and samples["bytes"] > 0 and not list(out.glob("*.safetensors"))
 
 
 # ------------------------------------------------------------------------------ multi-process
@@ -614,6 +650,7 @@ def test_the_cli_under_two_processes_matches_one(tiny_sd_dir, tmp_path):
     weights = {}
     for n in (1, 2):
         out = tmp_path / f"run{n}"
+        env["COMPRESS_CACHE"] = str(tmp_path / f"cache{n}")  # both processes draw their share of the samples
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
         launcher += ["--master_addr", "127.0.0.1", "--master_port", str(29500 + n + os.getpid() % 1000)]
         cmd = [*launcher, "-m", "toolchain.cli", "--target", "onnx", "--model", str(tiny_sd_dir)]
@@ -622,7 +659,7 @@ def test_the_cli_under_two_processes_matches_one(tiny_sd_dir, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("deployable:") == 1, "only process 0 reports"
         summary = json.loads((out / "02-finetune" / "manifest.json").read_text())["records"]["finetune"]
-        assert summary["processes"] == n
+        assert summary["processes"] == n and not summary["teacher_samples"]["hit"]
         assert (out / "report.json").is_file() and not list(out.glob("*.partial"))
         weights[n] = load_file(out / "02-finetune" / "unet" / "diffusion_pytorch_model.safetensors")
     start = load_file(tmp_path / "run1" / "01-prune" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -178,3 +178,26 @@ def test_import_does_not_load_torch_pruning():
     code = "import sys, toolchain, toolchain.pruning; assert 'torch_pruning' not in sys.modules"
     root = Path(__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_one_channel_groups_run_at_batch_one(tmp_path):
+    """Pruning can leave a GroupNorm one channel per group; at the 1x1 innermost level a batch-1
+    input (a k-step generator, unguided) then has one value per group, which F.group_norm refuses.
+    The pruned UNet runs it, before and after save/rebuild, and each image equals its batch-2 row."""
+    from toolchain.models.io import EMBEDDED_MODEL
+    from toolchain.models.rebuild import OneChannelGroupNorm
+
+    unet = UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL / "unet").eval()  # 32 groups, 1x1 innermost
+    record = prune_unet_channels(unet, 0.3)  # the default recipe's pruning
+    assert any(isinstance(m, OneChannelGroupNorm) for m in unet.modules())
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    states = torch.randn(2, 5, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.tensor([3, 700])
+    save_unet(unet, tmp_path / "unet", record)
+    for model in (unet, load_unet(tmp_path / "unet")):
+        with torch.no_grad():
+            both = model(sample, timesteps, states).sample
+            for i in range(2):
+                alone = model(sample[i : i + 1], timesteps[i : i + 1], states[i : i + 1]).sample
+                torch.testing.assert_close(alone, both[i : i + 1], atol=1e-5, rtol=1e-4)

@@ -14,8 +14,9 @@ Lower level (recovers quality):  L_ft = w_diff·L_diff + w_out·L_outKD + w_feat
   compares through a learned 1x1 conv per block (student width -> teacher width), trained with
   the student by the lower optimiser and thrown away at the end; `"matching"` skips such blocks.
 - Data: the retain prompts (every other concept of the erased concepts' judge, or
-  `retain_prompts`), x_0 = latents of the *teacher's own* DDIM samples of them, generated once
-  and cached in the output folder (`teacher_samples.safetensors`), so a resumed run reuses them;
+  `retain_prompts`), x_0 = latents of the *teacher's own* DDIM samples of them, generated once per
+  (teacher, prompts, seed, sampler settings) into the cross-run cache (`shared_teacher_samples`;
+  every process of a multi-process launch draws its share), so a resumed or repeated run reuses them;
   or, with `retain_data`, the VAE latents of an image+caption folder with its captions.
   `prompt_dropout` of the prompts become "" so classifier-free guidance keeps working.
 
@@ -91,6 +92,8 @@ from toolchain.finetune.data import (
     prepare_data,
     read_image_folder,
     retain_prompt_list,
+    sampled_prompts,
+    shared_teacher_samples,
     training_examples,
     upper_batch,
 )
@@ -142,6 +145,8 @@ __all__ = [
     "read_image_folder",
     "restart_losses",
     "retain_prompt_list",
+    "sampled_prompts",
+    "shared_teacher_samples",
     "save_checkpoint",
     "sfd_batch",
     "train",

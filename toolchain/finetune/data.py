@@ -193,9 +193,12 @@ def encode_images(pipe, paths: list[Path]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def sample_teacher(pipe, prompts: list[str], cfg: FinetuneConfig, progress: bool = False) -> torch.Tensor:
+def sample_teacher(
+    pipe, prompts: list[str], cfg: FinetuneConfig, progress: bool = False, rows: range | None = None
+) -> torch.Tensor:
     """(len(prompts)·samples_per_prompt, C, h, w) latents of the teacher's own DDIM samples, each
-    prompt `samples_per_prompt` times in a row, from noise seeded by `cfg.seed`."""
+    prompt `samples_per_prompt` times in a row, from noise seeded by `cfg.seed`; `rows`: only
+    these rows of that (a process's share), from the same noise."""
     from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
@@ -206,9 +209,11 @@ def sample_teacher(pipe, prompts: list[str], cfg: FinetuneConfig, progress: bool
     noise = torch.randn(
         (len(every), unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(cfg.seed)
     )
+    rows = rows if rows is not None else range(len(every))
+    every, noise = [every[i] for i in rows], noise[rows.start : rows.stop]
     scheduler = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
-    chunks = []
+    chunks = [torch.zeros((0, unet.config.in_channels, size, size))]
     try:
         for start in tqdm(range(0, len(every), 64), desc="teacher samples", disable=not progress):
             batch = every[start : start + 64]
@@ -246,29 +251,82 @@ def teacher_samples(pipe, prompts: list[str], cfg: FinetuneConfig, cache: Path, 
     return latents
 
 
+def shared_teacher_samples(
+    pipe, prompts: list[str], cfg: FinetuneConfig, cache_root: Path, teacher: str, progress: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """`sample_teacher` through the cross-run cache (toolchain/cache.py): keyed by the teacher's
+    fingerprint, the prompts, seed, sampler settings and the device and dtype it samples with, so
+    a second run (or stage, or study) with the same teacher generates nothing. Under a
+    multi-process launch every process draws its share of the rows and receives all of them; the
+    main process writes the entry. Returns (latents, {"cache", "bytes", "hit"})."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+    from safetensors.torch import load_file, save_file
+
+    from toolchain.cache import ENTRY, cached_folder, folder_bytes, key_digest
+
+    key = {
+        "teacher": teacher,
+        "prompts": list(prompts),
+        "n": cfg.samples_per_prompt,
+        "steps": cfg.sample_steps,
+        "guidance": cfg.sample_guidance,
+        "seed": cfg.seed,
+        "device": pipe.device.type,
+        "dtype": str(pipe.unet.dtype),
+    }
+    state, folder = PartialState(), Path(cache_root) / "teacher-samples" / key_digest(key)
+    hit = broadcast_object_list([(folder / ENTRY).is_file()])[0]  # one decision for every process
+    if hit:
+        latents = load_file(folder / SAMPLES_FILE)["latents"]
+    else:
+        total = len(prompts) * cfg.samples_per_prompt
+        share = -(-total // state.num_processes)
+        rows = range(min(total, state.process_index * share), min(total, (state.process_index + 1) * share))
+        latents = torch.cat(gather_object([sample_teacher(pipe, prompts, cfg, progress, rows)]))
+        if state.is_main_process:
+            cached_folder(cache_root, "teacher-samples", key, lambda f: _save_samples(f, latents, save_file))
+        state.wait_for_everyone()
+    logger.info("finetune: %d teacher samples %s %s", len(latents), "reused from" if hit else "cached in", folder)
+    return latents, {"cache": str(folder), "bytes": folder_bytes(folder), "hit": hit}
+
+
+def _save_samples(folder: Path, latents: torch.Tensor, save_file) -> dict:
+    save_file({"latents": latents.contiguous()}, folder / SAMPLES_FILE)
+    return {"samples": len(latents)}
+
+
+def sampled_prompts(retain: list[str], forget: list[tuple[str, str]], forget_images=()) -> list[str]:
+    """The prompts the teacher samples, in the order the samples cache is keyed by: "", the retain
+    prompts, the forget prompts and their anchors."""
+    anchors = [a for _, a in forget] + [a for _, _, a in forget_images]
+    return list(dict.fromkeys(["", *retain, *(p for p, _ in forget), *anchors]))
+
+
 def prepare_data(
     pipe,
     retain: list[str],
     forget: list[tuple[str, str]],
     cfg: FinetuneConfig,
-    cache: Path,
+    cache: Path | None,
     progress: bool = False,
     retain_images: list[tuple[Path, str]] = (),
     forget_images: list[tuple[Path, str, str]] = (),
+    sampler=None,
 ) -> TrainingData:
-    """Sample the teacher `samples_per_prompt` times per prompt with DDIM (once: reused from
-    `cache` when its settings match), encode the given images with the VAE, embed every prompt.
+    """Sample the teacher `samples_per_prompt` times per prompt with DDIM (once: reused from the
+    file `cache` when its settings match; or `sampler(prompts) -> latents`, e.g.
+    `shared_teacher_samples`), encode the given images with the VAE, embed every prompt.
 
     forget: (forget prompt, anchor prompt) pairs, x_0 from the teacher; retain_images: (image,
     caption) and forget_images: (image, forget prompt, anchor prompt) take x_0 from real images.
     """
     captions = [c for _, c in retain_images] + [c for _, c, _ in forget_images]
-    anchors = [a for _, a in forget] + [a for _, _, a in forget_images]
-    sampled = list(dict.fromkeys(["", *retain, *(p for p, _ in forget), *anchors]))
+    sampled = sampled_prompts(retain, forget, forget_images)
     prompts = list(dict.fromkeys([*sampled, *captions]))
     pid = {p: i for i, p in enumerate(prompts)}
     n = cfg.samples_per_prompt
-    latents = teacher_samples(pipe, sampled, cfg, cache, progress)
+    latents = sampler(sampled) if sampler is not None else teacher_samples(pipe, sampled, cfg, cache, progress)
 
     def rows(prompt: str) -> list[int]:
         return [pid[prompt] * n + i for i in range(n)]

@@ -272,6 +272,9 @@ def load_pipeline(path: Path, torch_dtype=None):
         **kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
+    from toolchain.models.rebuild import allow_batch_one
+
+    allow_batch_one(pipe.unet)  # a k-step generator runs it at batch 1
     return pipe
 
 

@@ -56,8 +56,30 @@ def _shrink_to_shapes(unet: nn.Module, shapes: dict[str, list[int]]) -> None:
             module.normalized_shape = tuple(module.weight.shape)
 
 
+class OneChannelGroupNorm(nn.GroupNorm):
+    """A GroupNorm with one channel per group (pruning leaves such, some configs have them). On a
+    1x1 feature map at batch 1 (a UNet's innermost level, run unguided by a k-step generator) each group then holds a
+    single value, whose normalised value is 0, so the output is the bias: the kernel, ONNX Runtime
+    and Core ML compute that, but `F.group_norm` refuses the input ("Expected more than 1 value
+    per channel"). This calls the kernel directly; weights, state dict and exported op are a
+    GroupNorm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
+
+
+def allow_batch_one(module: nn.Module) -> nn.Module:
+    """Make every GroupNorm of `module` with one channel per group a `OneChannelGroupNorm`, in
+    place (same weights and math), so it runs at batch 1; returns `module`."""
+    for child in module.modules():
+        if type(child) is nn.GroupNorm and child.num_channels == child.num_groups:
+            child.__class__ = OneChannelGroupNorm
+    return module
+
+
 def sync_diffusers_attributes(unet: nn.Module, attention_heads: dict[str, int] | None = None) -> None:
-    """Make the plain attributes that diffusers' forward reads agree with the (pruned) layers.
+    """Make the plain attributes that diffusers' forward reads agree with the (pruned) layers, and
+    let GroupNorms left with one channel per group run at batch 1 (`OneChannelGroupNorm`).
 
     torch-pruning shrinks weights and Conv/Linear/Norm attributes, but diffusers also keeps
     widths of its own: Downsample2D/Upsample2D assert `x.shape[1] == self.channels`, and the
@@ -70,6 +92,7 @@ def sync_diffusers_attributes(unet: nn.Module, attention_heads: dict[str, int] |
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.upsampling import Upsample2D
 
+    allow_batch_one(unet)
     for name, module in unet.named_modules():
         if isinstance(module, (Downsample2D, Upsample2D)) and isinstance(getattr(module, "conv", None), nn.Conv2d):
             module.channels = module.conv.in_channels

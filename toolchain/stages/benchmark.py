@@ -92,11 +92,14 @@ def run(
         latency += rows
         memory_rows += mem_rows
         memory_specs += specs
+    side = _side_by_side(chain, pipeline_dir, bench, ctx, warnings)
     probes.append(speed_probe())
     memory += _peak_memory(memory_rows, memory_specs, device, warnings)
 
     report = _report(settings, chain, bench, stages, latency, memory, warnings, evaluation)
     report["machine"]["speed_probe_ms"] = round(statistics.median(probes), 3)
+    if side:
+        report["side_by_side"] = side
     if per_label:
         report["per_label_accuracy"] = per_label
         report["per_label_n"] = per_label_n
@@ -104,8 +107,29 @@ def run(
     from benchmarks.report import write_report
 
     report["plots"] = write_plots(report, samples, ctx.out_dir)
+    report["cache"] = _cache_summary(ctx.cache_dir)
     write_report(report, ctx.out_dir)
+    _write_model_card(report, chain, ctx.out_dir)
     return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
+
+
+MODEL_CARD = "model_card.md"  # the runner ships it as deploy/<target>/README.md
+
+
+def _write_model_card(report: dict, chain: list[Artifact], out_dir) -> None:
+    """The deliverable's model card (benchmarks/model_card.py), from the report just written."""
+    from benchmarks.model_card import render_card, source_card_header
+
+    stages = [{"stage": a.stage, "config": a.config} for a in chain[1:]]
+    (out_dir / MODEL_CARD).write_text(render_card(report, stages, source_card_header(chain[0].files)))
+
+
+def _cache_summary(cache_dir) -> dict:
+    """Where the cross-run cache is and how much it holds (source exports, teacher samples)."""
+    from toolchain.cache import folder_bytes
+
+    kinds = sorted(p for p in cache_dir.iterdir() if p.is_dir()) if cache_dir.is_dir() else []
+    return {"dir": str(cache_dir), "bytes": {p.name: folder_bytes(p) for p in kinds}}
 
 
 def _warnings(chain: list[Artifact], erase: list[str], bench: _Bench, missing: list[str]) -> list[str]:
@@ -259,6 +283,81 @@ def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench
         spec.update(steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)
         memory_specs.append(("benchmarks.memory:ort_image", spec))
     return rows, memory_rows, memory_specs
+
+
+SOURCE_EXPORT_VERSION = 1  # bump when the source's export for side-by-side timing changes
+
+
+def _side_by_side(chain: list[Artifact], pipeline_dir, bench: _Bench, ctx, warnings: list[str]) -> dict | None:
+    """The deliverable against the unpruned fp32 source exported to the deliverable's runtime (that
+    export cached across runs by the source's fingerprint: it costs once per model), timed in turns
+    (benchmarks/side_by_side.py). None where the benchmark is off or the deliverable is no
+    ONNX Runtime pipeline; a warning says why where a user would expect the comparison."""
+    deliverable = chain[-1]
+    if not bench.cfg.side_by_side or not bench.measured(deliverable):
+        return None
+    files = _pipeline_files(deliverable) if deliverable.kind in ("onnx", "ort") else {}
+    if not files:
+        if deliverable.kind == "coreml":
+            warnings.append("side by side with the source needs Core ML, i.e. macOS: report.md has no speed-up line")
+        return None
+    from benchmarks.side_by_side import ort_side_by_side
+
+    folder, info = _source_export(chain, ctx)
+    source = {"stage": chain[0].stage, "folder": folder, "files": info["files"]}
+    delivered = {"stage": deliverable.stage, "folder": deliverable.path, "files": deliverable.metrics["files"]}
+    runtime = RUNTIMES[deliverable.kind]
+    side = ort_side_by_side(source, delivered, pipeline_dir, bench.cfg, bench.providers, bench.threads, runtime)
+    side["source"].update(export_cache=str(folder), export_cache_bytes=info["bytes"], export_cache_hit=info["hit"])
+    return side
+
+
+def _source_export(chain: list[Artifact], ctx) -> tuple:
+    """The source pipeline in the deliverable's format (ONNX fp32, or ORT format made from it with
+    the deliverable's optimisation style), from the cross-run cache (toolchain/cache.py) or made
+    into it. Returns (folder, {"files", "bytes", "hit"})."""
+    import onnxruntime
+    import optimum.version
+    import torch
+
+    from toolchain.cache import cached_folder, folder_bytes
+
+    onnx = next(a for a in chain if a.kind == "onnx")
+    style = chain[-1].records.get("optimization_style", "Fixed") if chain[-1].kind == "ort" else None
+    key = {
+        "source": chain[0].fingerprint,
+        "format": chain[-1].kind,
+        "opset": onnx.records.get("opset"),
+        "components": sorted(onnx.metrics.get("files", {})),
+        "optimization_style": style,
+        "version": SOURCE_EXPORT_VERSION,
+        "libraries": [torch.__version__, onnxruntime.__version__, optimum.version.__version__],
+    }
+
+    def build(tmp):
+        return _export_source(chain[0], tmp, key, ctx.progress)
+
+    folder, info, hit = cached_folder(ctx.cache_dir, "source-exports", key, build)
+    logger.info("side by side: source export %s (%s)", folder, "cached" if hit else "made now")
+    return folder / info["folder"], {"files": info["files"], "bytes": folder_bytes(folder), "hit": hit}
+
+
+def _export_source(source: Artifact, tmp, key: dict, progress: bool) -> dict:
+    """Export the source into `tmp` (ONNX in `onnx/`; ORT format in `ort/` where that is the format)."""
+    from export.onnx import export_onnx
+    from toolchain.models.io import load_pipeline
+
+    pipe = load_pipeline(source.files)
+    result = export_onnx(pipe, tmp / "onnx", opset=key["opset"], components=tuple(key["components"]), progress=progress)
+    del pipe
+    if key["format"] != "ort":
+        return {"folder": "onnx", "files": result["files"]}
+    from export.ort import convert_to_ort
+
+    converted = convert_to_ort(
+        tmp / "onnx", tmp / "ort", optimization_style=key["optimization_style"], progress=progress
+    )
+    return {"folder": "ort", "files": converted["files"]}
 
 
 def _peak_memory(memory_rows: list[dict], memory_specs: list, device, warnings: list[str]) -> list[dict]:

@@ -2,10 +2,11 @@
 `--erase` concepts, or (`finetune.mode=sfd`) turn it into a k-step generator that forgets them.
 
 The method, its modes and its settings are described in `toolchain.finetune`; this adapter loads
-the teacher (the run's source, `ctx.chain[0]`) and the student (the input's UNet), trains in the
-output folder (teacher samples, `losses.jsonl` and checkpoints live there while it runs, so a
-re-run continues) and seals that folder as a diffusers pipeline: the input's components linked,
-the trained UNet (with the input's pruning record) written, checkpoints removed, `onestep.json`
+the teacher (the run's source, `ctx.chain[0]`) and the student (the input's UNet), takes the
+teacher's samples from the cross-run cache (made there once per teacher, prompts and sampler
+settings; every process of a multi-process launch draws its share), trains in the output folder
+(`losses.jsonl` and checkpoints live there while it runs, so a re-run continues) and seals that
+folder as a diffusers pipeline: the input's components linked, the trained UNet (with the input's pruning record) written, checkpoints removed, `onestep.json`
 beside a k-step generator. In a multi-process launch every process trains and the main one
 returns the artifact (the others None).
 """
@@ -21,11 +22,11 @@ from toolchain.config import FinetuneConfig, FinetuneSettings
 from toolchain.finetune import (
     CHECKPOINTS,
     LOSSES_FILE,
-    SAMPLES_FILE,
     check_config,
     prepare_data,
     prompt_data,
     retain_prompt_list,
+    shared_teacher_samples,
     train,
     train_onestep,
     training_examples,
@@ -48,17 +49,25 @@ def run(source: Artifact, settings: FinetuneSettings, ctx) -> Artifact | None:
     # several processes under `accelerate launch` / torchrun: one per device (as Accelerator() sets up)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     teacher_pipe = load_pipeline(ctx.chain[0].files).to(state.device)
-    with state.main_process_first():  # the main process samples the teacher, the others read its cache
-        data = prepare_data(
-            teacher_pipe,
-            examples.retain,
-            examples.forget,
-            cfg,
-            ctx.out_dir / SAMPLES_FILE,
-            ctx.progress,
-            examples.retain_images,
-            examples.forget_images,
+    cached = {}
+
+    def sampler(prompts):  # every process draws its share, through the cross-run cache
+        latents, cached["teacher_samples"] = shared_teacher_samples(
+            teacher_pipe, prompts, cfg, ctx.cache_dir, ctx.chain[0].fingerprint, ctx.progress
         )
+        return latents
+
+    data = prepare_data(
+        teacher_pipe,
+        examples.retain,
+        examples.forget,
+        cfg,
+        None,
+        ctx.progress,
+        examples.retain_images,
+        examples.forget_images,
+        sampler=sampler,
+    )
     prompt_encoder = None
     if cfg.robust.enabled:
         from toolchain.attacks import PromptEncoder
@@ -84,8 +93,9 @@ def run(source: Artifact, settings: FinetuneSettings, ctx) -> Artifact | None:
         forget_prompts=len(examples.forget),
         retain_images=len(examples.retain_images),
         forget_images=len(examples.forget_images),
+        **cached,
     )
-    return _seal(source, ctx.out_dir, student, summary, skip=(SAMPLES_FILE,))
+    return _seal(source, ctx.out_dir, student, summary, skip=())
 
 
 def _run_sfd(source: Artifact, cfg: FinetuneConfig, erase: list[str], ctx) -> Artifact | None:
