@@ -120,10 +120,12 @@ def ort_latency(session, inputs: dict[str, np.ndarray], warmup: int, repeats: in
     return time_callable(lambda: session.run(None, feed), warmup, repeats)
 
 
-def composed_image_latency(rows: list[dict], steps: int) -> dict[str, float] | None:
-    """Per-image {"median_ms", "p90_ms"} from component timings: text encoder (batch 2) + steps x
-    UNet (batch 2) + VAE decoder (batch 1), each statistic summed; None unless all three were
-    measured with the UNet at batch 2."""
+def composed_image_latency(
+    rows: list[dict], steps: int, keys: tuple[str, ...] = ("median_ms", "p90_ms")
+) -> dict[str, float] | None:
+    """Per-image {key: ms} for each of `keys` from component timings: text encoder (batch 2) +
+    steps x UNet (batch 2) + VAE decoder (batch 1), each statistic summed; None unless all three
+    were measured with the UNet at batch 2."""
     by_component = {row["component"]: row for row in rows}
     if not {"text_encoder", "unet", "vae_decoder"} <= set(by_component) or by_component["unet"].get("batch") != 2:
         return None
@@ -131,5 +133,5 @@ def composed_image_latency(rows: list[dict], steps: int) -> dict[str, float] | N
         key: round(
             by_component["text_encoder"][key] + steps * by_component["unet"][key] + by_component["vae_decoder"][key], 3
         )
-        for key in ("median_ms", "p90_ms")
+        for key in keys
     }

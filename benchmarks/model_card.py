@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-CARD = "README.md"
+CARD = "README.md"  # the hub's name for a model card: the source's is read, the deliverable's written
+CARD_FILE = "model_card.md"  # the benchmark stage's copy, which the runner ships as deploy/<target>/README.md
 LIBRARIES = {"onnx": "onnxruntime", "ort": "onnxruntime", "coreml": "coreml"}
 # stage settings worth a reader's line; the manifest has all of them
 SHOWN = {

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.latency import time_interleaved, turns_for
+from benchmarks.latency import composed_image_latency, time_interleaved, turns_for
 from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_feed, ort_session
 from toolchain.runtime.schedule import read_schedule
 
@@ -44,8 +44,12 @@ def ort_side_by_side(
     }
     rows = [_component_row(c, source, deliverable, pipeline_dir, cfg, providers, threads) for c in COMPONENTS]
     sizes = {name: sum(r[f"{name}_bytes"] for r in rows) for name in ("source", "deliverable")}
-    if cfg.batch == 2:  # the UNet row is one guided step: compose an image from it
-        ms = {name: _composed_ms(rows, sampling[name]["unet_calls"], name) for name in ("source", "deliverable")}
+    composed = {
+        name: composed_image_latency(rows, sampling[name]["unet_calls"], keys=(f"{name}_ms",))
+        for name in ("source", "deliverable")
+    }
+    if all(composed.values()):  # the UNet rows are guided steps (batch 2): an image composes from them
+        ms = {name: value[f"{name}_ms"] for name, value in composed.items()}
         rows.append(_row("image", 1, ms, sizes, method="composed"))
     rows.append(_measured_image(source, deliverable, sampling, sizes, cfg, providers, threads))
     return {
@@ -65,11 +69,6 @@ def _sampling(folder: Path, cfg) -> dict[str, Any]:
     if schedule:
         return {"steps": len(schedule["timesteps"]), "guidance_scale": None, "unet_calls": len(schedule["timesteps"])}
     return {"steps": cfg.eval_steps, "guidance_scale": cfg.guidance_scale, "unet_calls": cfg.eval_steps}
-
-
-def _composed_ms(rows: list[dict[str, Any]], unet_calls: int, name: str) -> float:
-    ms = {r["component"]: r[f"{name}_ms"] for r in rows}
-    return round(ms["text_encoder"] + unet_calls * ms["unet"] + ms["vae_decoder"], 3)
 
 
 def _row(component: str, batch: int, ms: dict[str, float], sizes: dict[str, int], **extra) -> dict[str, Any]:

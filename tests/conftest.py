@@ -95,6 +95,18 @@ def run(model: Path, out: Path, *extra: str) -> int:
     return main([*target, "--model", str(model), "--recipe", "tiny", "--out", str(out), "--no-progress", "-q", *extra])
 
 
+def stage_context(tmp_path: Path, model: Path):
+    """A RunContext for calling one stage directly, as the runner would: the source `model` as
+    chain[0] with its content fingerprint, `tmp_path/out.partial` to write in, a cache of its own."""
+    from toolchain import artifact as art
+    from toolchain.pipeline import RunContext
+
+    out = tmp_path / "out.partial"
+    out.mkdir()
+    source = art.Artifact(path=tmp_path / "src", kind="diffusers", fingerprint=art.hash_folder(model), model_path=model)
+    return RunContext(run_dir=tmp_path, out_dir=out, chain=[source], progress=False, cache_dir=tmp_path / "cache")
+
+
 def manifests(out: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("[0-9][0-9]-*/manifest.json")}
 

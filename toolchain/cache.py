@@ -36,6 +36,11 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def entry_folder(root: Path, kind: str, key: dict[str, Any]) -> Path:
+    """Where the entry of `key` lives (complete when it holds cache.json)."""
+    return Path(root) / kind / key_digest(key)
+
+
 def cached_folder(root: Path, kind: str, key: dict[str, Any], build: Callable[[Path], dict]) -> tuple[Path, dict, bool]:
     """The entry of `key` under `root/kind`, built by `build(folder) -> info` when absent.
 
@@ -43,10 +48,9 @@ def cached_folder(root: Path, kind: str, key: dict[str, Any], build: Callable[[P
     leaves no entry (its temporary folder, made by this call, is removed)."""
     from filelock import FileLock
 
-    parent = Path(root) / kind
+    folder = entry_folder(root, kind, key)
+    parent, digest = folder.parent, folder.name
     parent.mkdir(parents=True, exist_ok=True)
-    digest = key_digest(key)
-    folder = parent / digest
     with FileLock(str(parent / f".{digest}.lock")):
         if (folder / ENTRY).is_file():
             return folder, json.loads((folder / ENTRY).read_text())["info"], True

@@ -431,9 +431,10 @@ def _deploy(cfg: RunConfig, folder: RunFolder, chain: list[art.Artifact]) -> Non
     names = ["report.json", "report.md", *plots]
     for name in names:
         shutil.copy2(report.path / name, staging / name)
-    card = report.path / "model_card.md"  # the benchmark stage's model card, as the hub names it
-    if card.is_file():
-        shutil.copy2(card, staging / "README.md")
+    from benchmarks.model_card import CARD, CARD_FILE
+
+    if (report.path / CARD_FILE).is_file():  # the benchmark stage's model card, named as the hub names it
+        shutil.copy2(report.path / CARD_FILE, staging / CARD)
     folder.remove(deploy.relative_to(out).as_posix())
     files = [(deploy / p.relative_to(staging)).relative_to(out).as_posix() for p in staging.rglob("*") if p.is_file()]
     folder.record(deploy.relative_to(out).as_posix(), *files)  # before the rename, as for stages

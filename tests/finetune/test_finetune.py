@@ -23,6 +23,8 @@ from toolchain.config import (
     RunConfig,
 )
 
+from ..conftest import stage_context
+
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
 FAST = dict(
@@ -117,6 +119,8 @@ def test_teacher_samples_come_from_the_cross_run_cache(tiny, tmp_path, monkeypat
     assert info["hit"] and torch.equal(first, again)
     with pytest.raises(AssertionError, match="must not be sampled"):
         data_module.shared_teacher_samples(pipe, ["", "7"], cfg, tmp_path, "teacher-b")
+    with pytest.raises(ValueError, match="fingerprint"):  # no key, no cache: never shared by accident
+        data_module.shared_teacher_samples(pipe, ["", "7"], cfg, tmp_path, "")
 
 
 def _write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -519,7 +523,6 @@ def test_stage_writes_a_pipeline_that_loads(tiny_sd_dir, tmp_path):
     """run() end to end on the tiny pipeline: pruned input, erase digit 7, bilevel."""
     from toolchain import artifact as art
     from toolchain.models.io import check_pipeline_folder, load_pipeline, load_unet, save_unet
-    from toolchain.pipeline import RunContext
     from toolchain.pruning.channels import prune_unet_channels
     from toolchain.stages import finetune
 
@@ -530,14 +533,8 @@ def test_stage_writes_a_pipeline_that_loads(tiny_sd_dir, tmp_path):
     unet = load_unet(tiny_sd_dir / "unet")
     save_unet(unet, pruned / "unet", prune_unet_channels(unet, 0.3))
     before = art.hash_folder(pruned)
-    out = tmp_path / "out.partial"
-    out.mkdir()
-    ctx = RunContext(
-        run_dir=tmp_path,
-        out_dir=out,
-        chain=[art.Artifact(path=tmp_path / "src", kind="diffusers", model_path=tiny_sd_dir)],
-        progress=False,
-    )
+    ctx = stage_context(tmp_path, tiny_sd_dir)
+    out = ctx.out_dir
     cfg = FinetuneConfig(enabled=True, **{**FAST, "samples_per_prompt": 1}, steps=4, upper_every=2)
     result = finetune.run(art.Artifact(path=pruned, kind="diffusers"), FinetuneSettings(cfg, ["7"]), ctx)
     assert art.hash_folder(pruned) == before, "the input must never be modified"

@@ -15,6 +15,8 @@ import torch
 
 from toolchain.config import ConfigError, FinetuneConfig, FinetuneSettings, SfdConfig
 
+from ..conftest import stage_context
+
 RETAIN = ["a handwritten digit zero", "the number 1", "a handwritten digit two"]
 FORGET = [("a handwritten digit seven", "a handwritten digit"), ("the number 7", "a handwritten digit")]
 FAST = dict(mode="sfd", batch_size=2, upper_batch_size=2, checkpoint_every=1000)
@@ -140,20 +142,13 @@ def test_stage_exports_and_runs_the_generator_like_any_unet(tiny_sd_dir, tmp_pat
     from export.onnx import export_onnx
     from toolchain import artifact as art
     from toolchain.models.io import check_pipeline_folder, load_pipeline
-    from toolchain.pipeline import RunContext
     from toolchain.runtime.ort import OrtPipeline, ort_generator
     from toolchain.runtime.pytorch import diffusers_generator
     from toolchain.runtime.schedule import SCHEDULE_FILE, read_schedule
     from toolchain.stages import finetune
 
-    out = tmp_path / "out.partial"
-    out.mkdir()
-    ctx = RunContext(
-        run_dir=tmp_path,
-        out_dir=out,
-        chain=[art.Artifact(path=tmp_path / "src", kind="diffusers", model_path=tiny_sd_dir)],
-        progress=False,
-    )
+    ctx = stage_context(tmp_path, tiny_sd_dir)
+    out = ctx.out_dir
     before = art.hash_folder(tiny_sd_dir)
     cfg = FinetuneConfig(enabled=True, **FAST, steps=1, sfd=SfdConfig(**FAST_SFD, steps=2))
     result = finetune.run(art.Artifact(path=tiny_sd_dir, kind="diffusers"), FinetuneSettings(cfg, ["7"]), ctx)

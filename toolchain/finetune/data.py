@@ -263,8 +263,10 @@ def shared_teacher_samples(
     from accelerate.utils import broadcast_object_list, gather_object
     from safetensors.torch import load_file, save_file
 
-    from toolchain.cache import ENTRY, cached_folder, folder_bytes, key_digest
+    from toolchain.cache import ENTRY, cached_folder, entry_folder, folder_bytes
 
+    if not teacher:
+        raise ValueError("shared_teacher_samples needs the teacher's fingerprint: the cache is keyed by it")
     key = {
         "teacher": teacher,
         "prompts": list(prompts),
@@ -275,7 +277,7 @@ def shared_teacher_samples(
         "device": pipe.device.type,
         "dtype": str(pipe.unet.dtype),
     }
-    state, folder = PartialState(), Path(cache_root) / "teacher-samples" / key_digest(key)
+    state, folder = PartialState(), entry_folder(cache_root, "teacher-samples", key)
     hit = broadcast_object_list([(folder / ENTRY).is_file()])[0]  # one decision for every process
     if hit:
         latents = load_file(folder / SAMPLES_FILE)["latents"]

@@ -113,15 +113,12 @@ def run(
     return Artifact(path=ctx.out_dir, kind="report", metrics={"stages": len(stages)})
 
 
-MODEL_CARD = "model_card.md"  # the runner ships it as deploy/<target>/README.md
-
-
 def _write_model_card(report: dict, chain: list[Artifact], out_dir) -> None:
     """The deliverable's model card (benchmarks/model_card.py), from the report just written."""
-    from benchmarks.model_card import render_card, source_card_header
+    from benchmarks.model_card import CARD_FILE, render_card, source_card_header
 
     stages = [{"stage": a.stage, "config": a.config} for a in chain[1:]]
-    (out_dir / MODEL_CARD).write_text(render_card(report, stages, source_card_header(chain[0].files)))
+    (out_dir / CARD_FILE).write_text(render_card(report, stages, source_card_header(chain[0].files)))
 
 
 def _cache_summary(cache_dir) -> dict:

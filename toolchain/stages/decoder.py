@@ -2,7 +2,7 @@
 
 Adapter over `toolchain.finetune.decoder`: the latents are the teacher samples of the run's source
 (the prompts and sampler settings finetune uses, from the cross-run cache: after finetune a hit),
-the teacher is the input's own VAE. Output: the input pipeline with `vae/` an AutoencoderTiny
+the teacher is the input's own VAE (loaded alone). Output: the input pipeline with `vae/` an AutoencoderTiny
 (model_index.json names it), so every later stage and target exports and measures it like any VAE;
 the manifest records the held-out PSNR against the VAE it replaced and both decoders' parameters.
 """
@@ -16,6 +16,8 @@ from toolchain.config import DecoderSettings
 
 
 def run(source: Artifact, settings: DecoderSettings, ctx) -> Artifact:
+    from diffusers import AutoencoderKL
+
     from toolchain.finetune import sampled_prompts, shared_teacher_samples, training_examples
     from toolchain.finetune.decoder import distill_decoder
     from toolchain.models.io import component_params, link_pipeline, load_pipeline
@@ -27,7 +29,7 @@ def run(source: Artifact, settings: DecoderSettings, ctx) -> Artifact:
         teacher, prompts, settings.finetune, ctx.cache_dir, ctx.chain[0].fingerprint, ctx.progress
     )
     del teacher
-    vae = load_pipeline(source.files).vae
+    vae = AutoencoderKL.from_pretrained(source.files / "vae", use_safetensors=True, local_files_only=True)
     student, summary = distill_decoder(vae, latents, settings.decoder, ctx.progress)
     link_pipeline(source.files, ctx.out_dir, skip=("vae", "model_index.json"))
     student.save_pretrained(ctx.out_dir / "vae")
