@@ -18,6 +18,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 OPS_CONFIG = "required_operators.config"
+# An ORT-format model is one FlatBuffer, whose 32-bit offsets cap it at 2 GiB and which has no
+# external data (onnxruntime issues 15756, 17151): an fp32 SD-1.5 UNet (3.4 GB) cannot be one.
+ORT_FORMAT_MAX_BYTES = 2**31 - 1
 # ORT format replays the same kernels after offline graph optimisation; fp32 reassociation in
 # fused ops gives ~1e-6. Anything near 1e-4 means the conversion changed the computation.
 DEFAULT_TOLERANCE = 1e-4
@@ -52,6 +55,7 @@ def convert_to_ort(
     components = sorted(p.parent.name for p in onnx_dir.glob("*/model.onnx"))
     if not components:
         raise ValueError(f"{onnx_dir}: no <component>/model.onnx to convert")
+    _refuse_oversized(onnx_dir, components)
     # tokenizer, scheduler, configs, model_index.json
     copy_pipeline_files(onnx_dir, out_dir, ignore=shutil.ignore_patterns("model.onnx", "model.onnx_data"))
     _convert_quietly(onnx_dir, out_dir, styles[optimization_style], len(components))
@@ -84,6 +88,18 @@ def convert_to_ort(
     # the converter names the models by absolute path; the deliverable must not carry ours
     ops_config.write_text(ops_config.read_text().replace(f"{out_dir.resolve()}/", ""))
     return result
+
+
+def _refuse_oversized(onnx_dir: Path, components: list[str]) -> None:
+    """ValueError, before anything is written, for a component too large for one ORT-format file."""
+    sizes = {c: sum(p.stat().st_size for p in (onnx_dir / c).glob("model.onnx*")) for c in components}
+    too_big = {c: size for c, size in sizes.items() if size > ORT_FORMAT_MAX_BYTES}
+    if too_big:
+        listed = ", ".join(f"{c} {size / 2**30:.2f} GiB" for c, size in too_big.items())
+        raise ValueError(
+            f"{listed}: an ORT-format model is a single file of at most 2 GiB (no external data); "
+            "make it smaller first: quantize.enabled=true (int8) or quantize.fp16=true, or use --target onnx"
+        )
 
 
 def _convert_quietly(onnx_dir: Path, out_dir: Path, style, count: int) -> None:

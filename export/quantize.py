@@ -322,10 +322,12 @@ def onnx_pair_parity(reference_path: Path, test_path: Path, inputs: dict[str, np
 
 class _FeedReader:
     """onnxruntime.quantization.CalibrationDataReader over a list of feeds (duck-typed: ORT only
-    calls get_next, and rewind when it re-reads)."""
+    calls get_next, and rewind when it re-reads), one sample at a time: min / max ranges over the
+    samples are the same, and the calibration session's activations are one sample's. At batch 2
+    a channel-pruned SD-1.5 UNet's calibration ran this 24 GiB machine out of memory."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self.feeds = feeds
+        self.feeds = [sample for feed in feeds for sample in _samples(feed)]
         self.position = 0
 
     def get_next(self):
@@ -336,6 +338,16 @@ class _FeedReader:
 
     def rewind(self):
         self.position = 0
+
+
+def _samples(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """`feed` split along its batch axis into batch-1 feeds; scalars (the UNet's timestep) go to
+    each. A feed whose arrays disagree on the batch size is kept whole."""
+    sizes = {len(v) for v in feed.values() if np.ndim(v) >= 1}
+    if len(sizes) != 1:
+        return [feed]
+    (n,) = sizes
+    return [{k: (v[i : i + 1] if np.ndim(v) >= 1 else v) for k, v in feed.items()} for i in range(n)]
 
 
 def collect_unet_calibration(

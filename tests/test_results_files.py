@@ -16,6 +16,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WRITERS = {
     "baseline-default.json": ["toolchain/stages/benchmark.py", "benchmarks/report.py"],  # a run's report.json
     "baseline-fastest.json": ["toolchain/stages/benchmark.py", "benchmarks/report.py"],  # --recipe fastest's
+    "chain-sd15.json": ["benchmarks/studies/chain_sd15.py"],
     "int8-digits.json": ["benchmarks/studies/int8_speed.py"],
     "int8-speed.json": ["benchmarks/studies/int8_speed.py"],
 }
@@ -23,6 +24,7 @@ WRITERS = {
 RENDERED = {"attack-digits": "benchmarks.studies.attack_digits", "onestep-digits": "benchmarks.studies.onestep_digits"}
 RENDERED["finetune-digits"] = "benchmarks.studies.finetune_digits"
 RENDERED["decoder"] = "benchmarks.studies.decoder"
+RENDERED["chain-sd15"] = "benchmarks.studies.chain_sd15"
 RESULT_FILES = sorted(p.name for p in RESULTS.glob("*.json"))
 # Results recorded before the studies moved to benchmarks/studies/ name their script by its old
 # module path, as the code that wrote them did; the JSON stays as written, this resolves the name.

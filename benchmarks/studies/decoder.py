@@ -67,7 +67,9 @@ def digits(args) -> dict:
     return {"training": summary, "rows": rows, "accuracy_points": round(points, 2), "within_1_point": abs(points) <= 1}
 
 
-def _macs(module, example) -> int:
+def count_macs(module, example) -> int:
+    """MACs per sample of one call of `module` on `example` (a tensor or a tuple of positional
+    inputs; torch-pruning's counter divides by the batch): conv, linear and norm layers."""
     import torch
     import torch_pruning as tp
 
@@ -106,7 +108,7 @@ def sd15(args) -> dict:
             inner = module.vae.decoder
             rows[name] = {
                 "decoder_params": sum(p.numel() for p in inner.parameters()),
-                "macs": _macs(module, latent),
+                "macs": count_macs(module, latent),
                 "onnx_bytes": path.stat().st_size,
                 "provider": provider,
             }

@@ -284,3 +284,55 @@ def test_import_stays_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_parity_runs_at_batch_one_and_a_capped_latent(tiny_pipe, tmp_path, monkeypatch):
+    """The check feeds batch 1 (not the trace's 2) and a UNet latent no larger than
+    PARITY_MAX_LATENT, so its attention activations stay small on SD-1.5 (issue 17, item 7) and a
+    batch, height or width baked into the graph fails it."""
+    import export.onnx as onnx_export
+
+    latent = tiny_pipe.unet.config.sample_size
+    monkeypatch.setattr(onnx_export, "PARITY_MAX_LATENT", latent // 2)
+    fed = []
+    real = onnx_export.onnx_parity
+    monkeypatch.setattr(
+        onnx_export, "onnx_parity", lambda path, fn, inputs: fed.append(inputs) or real(path, fn, inputs)
+    )
+    result = export_onnx(tiny_pipe, tmp_path, components=("unet",), progress=False)
+    (inputs,) = fed
+    assert inputs["sample"].shape == (1, tiny_pipe.unet.config.in_channels, latent // 2, latent // 2)
+    assert inputs["encoder_hidden_states"].shape[0] == 1
+    assert result["parity"][0]["max_abs_err"] <= result["parity"][0]["tolerance"]
+
+
+def test_parity_session_runs_the_graph_as_exported_without_an_arena(exported, tiny_pipe, monkeypatch):
+    """ONNX Runtime's layout rewrites keep a second copy of the weights and its arena rounds growth up
+    to powers of two: the parity check turns both off (with batch 1 and the latent cap, the SD-1.5
+    UNet's export peaks at 7.2 GiB, was 10.3)."""
+    import onnxruntime as ort
+
+    from export.onnx import UNetForExport
+    from export.validate import onnx_parity
+
+    seen = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda path, options, **kw: seen.append(options) or real(path, options, **kw)
+    )
+    out_dir, _ = exported
+    rng = np.random.default_rng(0)
+    latent = tiny_pipe.unet.config.sample_size
+    inputs = {
+        "sample": rng.standard_normal((1, 4, latent, latent), dtype=np.float32),
+        "timestep": np.array(10.0, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (1, tiny_pipe.text_encoder.config.max_position_embeddings, tiny_pipe.unet.config.cross_attention_dim),
+            dtype=np.float32,
+        ),
+    }
+    max_abs_err, _ = onnx_parity(out_dir / "unet" / "model.onnx", UNetForExport(tiny_pipe.unet).eval(), inputs)
+    (options,) = seen
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
+    assert max_abs_err < 1e-4

@@ -52,3 +52,16 @@ def test_target_ort_reuses_the_sealed_onnx_export(finished_run, tiny_sd_dir, tmp
     assert side["runtime"] == "ort" and side["deliverable"]["stage"] == "ort"
     source_unet = Path(side["source"]["export_cache"]) / "unet" / "model.ort"
     assert source_unet.is_file() and (tmp_path / "cache") in source_unet.parents
+
+
+def test_convert_refuses_a_model_past_the_ort_format_limit(finished_run, tmp_path, monkeypatch):
+    """One FlatBuffer of at most 2 GiB: an fp32 SD-1.5 UNet (3.4 GB) is refused before anything is
+    written, naming the component and the ways to shrink it (the limit lowered to the tiny UNet's size)."""
+    import export.ort as ort_export
+
+    onnx_dir = finished_run[0] / "02-export"
+    unet_bytes = sum(p.stat().st_size for p in (onnx_dir / "unet").glob("model.onnx*"))
+    monkeypatch.setattr(ort_export, "ORT_FORMAT_MAX_BYTES", unet_bytes - 1)
+    with pytest.raises(ValueError, match=r"unet .* GiB: an ORT-format model is a single file of at most 2 GiB"):
+        convert_to_ort(onnx_dir, tmp_path / "ort", progress=False)
+    assert not (tmp_path / "ort").exists()

@@ -46,6 +46,9 @@ def test_phase_memory_follows_the_exporters_phase_records():
         del block
     assert set(memory.peaks) >= {"build", "trace", "other"}
     assert memory.peaks["trace"] >= memory.peaks["build"] + 32 * 2**20
+    # anonymous memory (a bytearray is) is sampled beside RSS, phase by phase
+    assert memory.anon_peaks["trace"] >= memory.anon_peaks["build"] + 32 * 2**20
+    assert all(memory.anon_peaks[p] <= memory.peaks[p] for p in memory.peaks)
 
 
 def test_onnx_export_measured_in_a_child(tiny_unet_config, tmp_path):

@@ -393,6 +393,22 @@ def link_pipeline(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
             link_or_copy(item, dst / item.name)
 
 
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    """A StableDiffusionPipeline of these parts, without the safety checker (nothing downloads)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_pipeline_from_configs(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """Build a randomly initialised pipeline from committed component configs and save it.
 
@@ -401,7 +417,7 @@ def build_pipeline_from_configs(config_dir: Path, out_dir: Path, seed: int = 0) 
     Used for offline tests and for real architectures (SD-1.5) measured with random weights.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     def read(name: str) -> dict:
@@ -413,15 +429,6 @@ def build_pipeline_from_configs(config_dir: Path, out_dir: Path, seed: int = 0) 
     text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder/config.json")))
     tokenizer = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
     scheduler = DDIMScheduler.from_config(read("scheduler/scheduler_config.json"))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
