@@ -104,7 +104,7 @@ def _share(share: float | None, n: int | None, interval: list | None) -> str:
 
 
 def _figures(report: dict[str, Any]) -> list[str]:
-    """Speed and size against the source, erasure and retain on the deliverable, parity."""
+    """Speed and size against the source, erasure and retain on the deliverable, parity and guidance."""
     stages = {s["name"]: s for s in report.get("stages", [])}
     final = report.get("stages", [{}])[-1] if report.get("stages") else {}
     source = stages.get("source", {})
@@ -142,6 +142,12 @@ def _figures(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"| parity {row['component']} ({row['format']} vs {row.get('reference', 'torch')}) | "
             f"max abs error {row['max_abs_err']:.2g}{bound}{psnr} |"
+        )
+    for row in report.get("guidance", []):
+        lines.append(
+            f"| guidance signal {row['component']} ({row['format']} vs {row['reference']}, worst timestep band, "
+            f"{row['images']} images) | cosine {row['cosine']:.3f} (floor {row['cosine_floor']}), "
+            f"norm ratio {row['norm_ratio']:.3f} |"
         )
     machine = report.get("machine", {})
     lines += [

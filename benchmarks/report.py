@@ -71,7 +71,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _table(
         report.get("parity", []), ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"]
     )
+    lines += _guidance_section(report)
     return "\n".join(lines)
+
+
+def _guidance_section(report: dict[str, Any]) -> list[str]:
+    """Per compressed UNet and timestep band: its guidance signal against the fp32 model's."""
+    rows = [
+        {"component": g["component"], "format": g["format"], "reference": g.get("reference"), **band}
+        for g in report.get("guidance", [])
+        for band in g["bands"]
+    ]
+    if not rows:
+        return []
+    floors = {(g["cosine_floor"], tuple(g["norm_ratio_range"])) for g in report["guidance"]}
+    floor = "; ".join(f"cosine >= {c}, norm ratio in [{lo}, {hi}]" for c, (lo, hi) in sorted(floors))
+    lines = [
+        "## Guidance fidelity (eps(x, c) - eps(x, ∅) against the fp32 model, held-out trajectory feeds)",
+        "",
+        f"Gate, every band: {floor}.",
+        "",
+    ]
+    columns = ["component", "format", "reference", "band", "t_min", "t_max", "images", "cosine", "cosine_min"]
+    return lines + _table(rows, columns + ["norm_ratio"])
 
 
 def _header(report: dict[str, Any]) -> list[str]:

@@ -13,7 +13,9 @@ Modes (ONNX Runtime's two quantizers):
 - "static": activation ranges fixed offline from calibration feeds (`quantize_static`, MinMax
   over a `CalibrationDataReader`); "QOperator" writes QLinearConv / QLinearMatMul nodes,
   "QDQ" writes QuantizeLinear/DequantizeLinear pairs around fp32 ops that ORT fuses when it
-  has an int8 kernel. Activations are uint8 (what x86's u8s8 VNNI kernels take), weights int8.
+  has an int8 kernel. Activations are uint8 (what x86's u8s8 VNNI kernels take), weights int8;
+  or, `activation_type="QUInt16"` (QDQ only), uint16 activations: W8A16, what Qualcomm's NPU runs
+  and what keeps a UNet's guidance signal (`export.guidance`), at no speed-up on a CPU.
 Calibration feeds for the UNet come from the pipeline's own denoising trajectories
 (`collect_unet_calibration`), not random inputs: random noise at random timesteps gives
 activation ranges the model never sees when it draws. The int8 graph is compared with the fp32 one
@@ -40,6 +42,7 @@ QUANTIZABLE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 MODES = ("dynamic", "static")
 WEIGHT_TYPES = ("QInt8", "QUInt8")
 QUANT_FORMATS = ("QOperator", "QDQ")
+ACTIVATION_TYPES = ("QUInt8", "QUInt16")
 # Int8 cannot meet fp32's max-abs limits (1e-4): rounding weights and activations to 256 levels
 # moves a UNet output by 1e-2..3e-1. The gate is a PSNR floor against the fp32 ONNX component on
 # the same inputs instead. 20 dB = RMS error 10% of the output's range. Measured
@@ -86,6 +89,7 @@ def quantize_onnx_folder(
     quant_format: str = "QOperator",
     calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
     nodes_to_exclude=(),
+    activation_type: str = "QUInt8",
     psnr_floor_db: float = INT8_PSNR_FLOOR_DB,
     parity_inputs: dict[str, dict[str, np.ndarray]] | None = None,
     progress: bool = True,
@@ -96,6 +100,7 @@ def quantize_onnx_folder(
     calibration: static mode only, per component a list of feeds {input name: array}, e.g. the
     UNet's {"sample": (2B, 4, h, w), "timestep": () float32, "encoder_hidden_states": (2B, L, D)}.
     nodes_to_exclude: node names kept in fp32 (sensitive layers).
+    activation_type: static mode's activations, "QUInt8" or "QUInt16" (QDQ only).
     parity_inputs: per component the feed the int8 graph is compared on. Static mode needs one per
     component that is none of its calibration feeds (for the UNet: `collect_unet_parity_feed`):
     ranges fitted to a feed reproduce that feed best, so parity on it overstates int8's accuracy.
@@ -115,6 +120,8 @@ def quantize_onnx_folder(
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     components = (components,) if isinstance(components, str) else tuple(components)
     _check_arguments(src_dir, out_dir, mode, components, weight_type, quant_format, calibration, parity_inputs)
+    if activation_type not in ACTIVATION_TYPES or (activation_type == "QUInt16" and quant_format != "QDQ"):
+        raise ValueError(f"activation_type {activation_type!r}: QUInt8, or QUInt16 with mode 'static' and format 'QDQ'")
 
     from tqdm.auto import tqdm
 
@@ -124,6 +131,8 @@ def quantize_onnx_folder(
     settings = _settings(
         mode, components, per_channel, op_types, weight_type, quant_format, nodes_to_exclude, calibration
     )
+    if mode == "static":
+        settings["activation_type"] = activation_type
     result: dict[str, Any] = {"parity": [], "files": {}, "quantization": settings}
     bar = tqdm(components, desc=f"quantize {mode}", unit="component", disable=not progress)
     for name in bar:
@@ -244,7 +253,7 @@ def _quantize_graph(src: Path, target: Path, settings: dict, feeds: list | None,
                 str(target),
                 _FeedReader(feeds),
                 quant_format=QuantFormat[settings["quant_format"]],
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType[settings["activation_type"]],
                 **common,
             )
 

@@ -181,7 +181,9 @@ def test_quantize_stage_follows_the_sealed_export(finished_run, tiny_sd_dir, tmp
     out = tmp_path / "out"
     shutil.copytree(finished_run[0], out)
     sealed = manifests(out)
-    assert run(tiny_sd_dir, out, "quantize.enabled=true", "quantize.calibration_prompts=2") == 0
+    # uint8 activations crush the random tiny UNet's guidance signal (test_guidance.py): floors stated
+    floors = ("quantize.guidance_cosine_floor=0", "quantize.guidance_norm_ratio=[0.1,10]")
+    assert run(tiny_sd_dir, out, "quantize.enabled=true", "quantize.calibration_prompts=2", *floors) == 0
     now = manifests(out)
     assert now["02-export"] == sealed["02-export"] and art.load(out / "03-quantize").kind == "onnx"
     int8 = (out / "deploy/onnx/unet/model.onnx").stat().st_size
@@ -190,6 +192,13 @@ def test_quantize_stage_follows_the_sealed_export(finished_run, tiny_sd_dir, tmp
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["source", "prune", "export", "quantize"]
     assert {row["stage"] for row in report["latency"] if row["runtime"] == "onnxruntime"} == {"export", "quantize"}
+    (guidance,) = report["guidance"]
+    assert (guidance["format"], guidance["cosine_floor"], guidance["norm_ratio_range"]) == (
+        "onnx-int8",
+        0.0,
+        [0.1, 10.0],
+    )
+    assert "## Guidance fidelity" in (out / "report.md").read_text()
 
 
 def test_quantize_for_coreml_is_refused(tiny_sd_dir, tmp_path, capsys):

@@ -501,6 +501,9 @@ class QuantizeConfig:
     # ONNX op types to quantize; [] = every op type ORT can (adds Q/DQ around Add, Mul, Softmax...)
     op_types: list[str] = field(default_factory=lambda: ["Conv", "MatMul"])
     weight_type: Literal["QInt8", "QUInt8"] = "QInt8"  # int8 weights, uint8 activations: x86 VNNI's u8s8
+    # static only. QUInt16 (QDQ; W8A16) keeps the guidance signal where uint8 activations crush it (digits
+    # UNet: guidance cosine 0.999 vs 0.35-0.40, export.guidance) but runs no faster than fp32 on a CPU
+    activation_type: Literal["QUInt8", "QUInt16"] = "QUInt8"
     # static only; mode=dynamic always writes QOperator, its one form, whatever this says. QDQ is
     # the int8 form ORT's NNAPI, XNNPACK and QNN execution providers take
     quant_format: Literal["QOperator", "QDQ"] = "QDQ"
@@ -514,6 +517,10 @@ class QuantizeConfig:
     exclude_nodes: list[str] = field(default_factory=list)  # node names kept fp32 (sensitive layers)
     psnr_floor_db: float = 20.0  # int8 gate: PSNR vs the fp32 ONNX component (export.quantize)
     fp16: bool = False  # fp16 weights and compute (fp32 inputs and outputs) for the components not int8
+    # Guidance gate on the UNet, int8 or fp16 (export.guidance): its eps(x, c) - eps(x, ∅) against the
+    # fp32 model's on held-out trajectory feeds, per timestep band: cosine >= this floor ...
+    guidance_cosine_floor: float = 0.98
+    guidance_norm_ratio: list[float] = field(default_factory=lambda: [0.8, 1.25])  # ... and norm ratio in range
 
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
@@ -524,6 +531,10 @@ class QuantizeConfig:
             raise ConfigError(f"quantize.quant_format={self.quant_format!r}: must be one of {list(QUANT_FORMATS)}")
         if self.weight_type not in WEIGHT_TYPES:
             raise ConfigError(f"quantize.weight_type={self.weight_type!r}: must be one of {list(WEIGHT_TYPES)}")
+        if self.activation_type == "QUInt16" and (self.mode, self.quant_format) != ("static", "QDQ"):
+            raise ConfigError(
+                "quantize.activation_type=QUInt16 needs quantize.mode=static and quantize.quant_format=QDQ"
+            )
         bad = sorted(set(self.components) - set(COMPONENTS))
         if bad or not self.components or len(set(self.components)) != len(self.components):
             raise ConfigError(
@@ -549,6 +560,17 @@ class QuantizeConfig:
             raise ConfigError(f"quantize.psnr_floor_db={self.psnr_floor_db!r}: must be a number >= 0 (dB), e.g. 20")
         if any(not isinstance(n, str) or not n for n in self.exclude_nodes):
             raise ConfigError("quantize.exclude_nodes: every entry must be a non-empty ONNX node name")
+        _check_guidance_floors("quantize", self.guidance_cosine_floor, self.guidance_norm_ratio)
+
+
+def _check_guidance_floors(section: str, cosine_floor: float, norm_ratio: list[float]) -> None:
+    if not -1.0 <= cosine_floor <= 1.0:
+        raise ConfigError(f"{section}.guidance_cosine_floor={cosine_floor!r}: must be in [-1, 1], e.g. 0.98")
+    if len(norm_ratio) != 2 or not 0 < norm_ratio[0] <= 1.0 <= norm_ratio[1]:
+        raise ConfigError(
+            f"{section}.guidance_norm_ratio={list(norm_ratio)!r}: must be [low, high] with 0 < low <= 1 <= high, "
+            "e.g. [0.8, 1.25]"
+        )
 
 
 @dataclass(frozen=True)

@@ -401,6 +401,7 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
         "latency": latency,
         "memory": memory,
         "parity": [row for artifact in exported for row in artifact.metrics.get("parity", [])],
+        "guidance": [row for artifact in exported for row in artifact.metrics.get("guidance", [])],
         "warnings": warnings,
     }
     if evaluation:
