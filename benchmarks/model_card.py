@@ -186,6 +186,17 @@ def _how_to_load(target: str, report: dict[str, Any]) -> list[str]:
             "and load the folder with Apple's StableDiffusion Swift package: "
             "`StableDiffusionPipeline(resourcesAt: url, controlNet: [], configuration: MLModelConfiguration())`.",
         ]
+    elif target == "qnn":
+        qnn = report.get("qnn", {})
+        lines += [
+            f"Android with ONNX Runtime {qnn.get('onnxruntime')} and its QNN execution provider (`onnxruntime-qnn` "
+            f"{qnn.get('onnxruntime_qnn')}, QNN SDK 2.40), HTP backend. `<component>/model_ctx.onnx` (+ "
+            f"`model_ctx_qnn.bin`) is compiled for the {qnn.get('name')} ({qnn.get('soc')}, Hexagon v{qnn.get('htp_arch')}) "
+            "and opens without compiling on the phone; `<component>/model.onnx` is the same graph for other SoCs "
+            "(compiled on first load). Session provider options: `backend_type=htp`, "
+            f"`enable_htp_fp16_precision=1` for {', '.join(qnn.get('fp16_components', []))}; shapes are fixed "
+            f"(rows per call: {qnn.get('batches')}).",
+        ]
     if generator:
         lines += [
             "",

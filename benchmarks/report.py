@@ -72,7 +72,38 @@ def render_markdown(report: dict[str, Any]) -> str:
         report.get("parity", []), ["component", "format", "reference", "max_abs_err", "psnr_db", "tolerance"]
     )
     lines += _guidance_section(report)
+    lines += _htp_section(report)
+    if report.get("usability"):
+        lines += [
+            "## Phone accelerators (ONNX Runtime's usability check: partitions and the share of nodes each takes)",
+            "",
+        ]
+        columns = ["stage", "component", "execution_provider", "partitions", "coverage", "nodes"]
+        lines += _table(report["usability"], columns + ["nodes_blocked_by_dynamic_shapes", "unsupported_ops"])
     return "\n".join(lines)
+
+
+def _htp_section(report: dict[str, Any]) -> list[str]:
+    """The share of a QNN deliverable's images drawn through the HTP backend itself."""
+    rows = [
+        {"stage": s["name"], "concept": label, "images": s["htp"]["leakage_n"][label], "leakage": share,
+         "same_label_as_cpu": s["htp"]["agreement"][label],
+         "same_leakage_call_as_cpu": s["htp"].get("concept_agreement", {}).get(label)}
+        for s in report.get("stages", []) if s.get("htp")
+        for label, share in s["htp"]["leakage"].items()
+    ]  # fmt: skip
+    if not rows:
+        return []
+    lines = [
+        "## Through the QNN HTP backend (simulator on x86)",
+        "",
+        "The stage's other images ran its QNN graphs on ONNX Runtime's CPU provider; these were drawn on the HTP "
+        "backend itself, with the judge's agreement between the two on the same seeds.",
+        "",
+    ]
+    return lines + _table(
+        rows, ["stage", "concept", "images", "leakage", "same_label_as_cpu", "same_leakage_call_as_cpu"]
+    )
 
 
 def _guidance_section(report: dict[str, Any]) -> list[str]:

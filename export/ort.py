@@ -77,6 +77,7 @@ def convert_to_ort(
             }
         )
         result["files"][name] = {"path": f"{name}/model.ort", "size_bytes": ort_path.stat().st_size}
+        result.setdefault("usability", []).extend(mobile_usability(onnx_dir / name / "model.onnx", name))
         if not max_err <= tolerance:
             raise ParityError(
                 f"{name}: the ORT-format model differs from its ONNX source by max abs error "
@@ -88,6 +89,38 @@ def convert_to_ort(
     # the converter names the models by absolute path; the deliverable must not carry ours
     ops_config.write_text(ops_config.read_text().replace(f"{out_dir.resolve()}/", ""))
     return result
+
+
+# ONNX Runtime Mobile's accelerators and the op lists its own usability checker reads for them
+USABILITY_EPS = {"NNAPI": None, "CoreML (ML Program)": "coreml_supported_mlprogram_ops.md"}
+
+
+def mobile_usability(model_path: Path, component: str) -> list[dict]:
+    """ONNX Runtime's own check (`onnxruntime.tools.mobile_helpers.usability_checker`, what
+    `check_onnx_model_mobile_usability` prints) of how a phone accelerator would take the graph as it
+    is: partitions (each a hand-over between the accelerator and the CPU) and the share of nodes it
+    takes, with the ops that block it and the nodes it refuses for a dynamic shape alone."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as checker
+
+    model = checker.ModelProtoWithShapeInfo(Path(model_path)).model_with_shape_info
+    rows = []
+    for ep, ops_file in USABILITY_EPS.items():
+        if ops_file is None:
+            info = checker.check_nnapi_partitions(model, True)
+        else:
+            info = checker.check_coreml_partitions(model, True, ops_file)
+        rows.append(
+            {
+                "component": component,
+                "execution_provider": ep,
+                "partitions": info.num_partitions,
+                "nodes": info.num_nodes,
+                "coverage": round(info.num_supported_nodes / max(info.num_nodes, 1), 4),
+                "unsupported_ops": sorted(op.split(":")[-1] for op in info.unsupported_ops),
+                "nodes_blocked_by_dynamic_shapes": info.nodes_unsupported_due_to_dynamic_input,
+            }
+        )
+    return rows
 
 
 def _refuse_oversized(onnx_dir: Path, components: list[str]) -> None:

@@ -18,6 +18,8 @@ WRITERS = {
     "baseline-fastest.json": ["toolchain/stages/benchmark.py", "benchmarks/report.py"],  # --recipe fastest's
     "chain-sd15.json": ["benchmarks/studies/chain_sd15.py"],
     "int8-digits.json": ["benchmarks/studies/int8_speed.py"],
+    # its rows carry export.guidance's per-band entries as that module writes them
+    "phone-runtimes.json": ["benchmarks/studies/phone_runtimes.py", "export/guidance.py"],
     "int8-speed.json": ["benchmarks/studies/int8_speed.py"],
 }
 # results whose .md is rendered from the .json by the writer's `to_markdown`, plus the hand-written section
@@ -25,6 +27,7 @@ RENDERED = {"attack-digits": "benchmarks.studies.attack_digits", "onestep-digits
 RENDERED["finetune-digits"] = "benchmarks.studies.finetune_digits"
 RENDERED["decoder"] = "benchmarks.studies.decoder"
 RENDERED["chain-sd15"] = "benchmarks.studies.chain_sd15"
+RENDERED["phone-runtimes"] = "benchmarks.studies.phone_runtimes"
 RESULT_FILES = sorted(p.name for p in RESULTS.glob("*.json"))
 # Results recorded before the studies moved to benchmarks/studies/ name their script by its old
 # module path, as the code that wrote them did; the JSON stays as written, this resolves the name.

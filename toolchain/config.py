@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TARGETS = ("onnx", "ort", "coreml")
+TARGETS = ("onnx", "ort", "coreml", "qnn")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -573,6 +573,34 @@ def _check_guidance_floors(section: str, cosine_floor: float, norm_ratio: list[f
         )
 
 
+QNN_PRECISIONS = ("fp16", "w8a16", "w8a8")
+
+
+@dataclass(frozen=True)
+class QnnConfig:
+    """Models for Qualcomm's NPU through ONNX Runtime's QNN execution provider (`--target qnn`,
+    stage `qnn`); calibration and the guidance gate's floors come from the quantize section."""
+
+    # The UNet's precision on the HTP. fp16 by default: on the digits UNet it matched fp32 to 78.8 dB
+    # on the HTP backend (guidance cosine 0.999), while the W8A16 QDQ graph that matches fp32 to 60 dB
+    # on ONNX Runtime's CPU provider measured 24 dB and guidance cosine 0.01 on the HTP
+    # (benchmarks/results/phone-runtimes.md; cause not isolated)
+    precision: Literal["fp16", "w8a16", "w8a8"] = "fp16"
+    soc: str = "SM8750"  # the SoC the context binaries are compiled for (toolchain.runtime.qnn.SOCS)
+    context_binaries: bool = True  # <component>/model_ctx.onnx: loads on the phone without compiling
+    # images per erased concept drawn through the HTP backend itself by the benchmark (the rest run
+    # the same graphs on ONNX Runtime's CPU provider: the HTP simulator takes ~1.5 s per digits UNet call)
+    htp_images: int = 4
+    psnr_floor_db: dict[str, float] = field(default_factory=dict)  # per precision, over export.qnn's floors
+
+    def __post_init__(self):
+        if isinstance(self.htp_images, bool) or self.htp_images < 1:
+            raise ConfigError(f"qnn.htp_images={self.htp_images!r}: must be >= 1 (HTP is never skipped)")
+        bad = sorted(set(self.psnr_floor_db) - set(QNN_PRECISIONS))
+        if bad:
+            raise ConfigError(f"qnn.psnr_floor_db keys {bad}: choose from {list(QNN_PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class CoreMLConfig:
     """Core ML conversion for `--target coreml` (stage `coreml`): ML programs for Apple's
@@ -688,7 +716,7 @@ class AttackConfig:
 class RunConfig:
     """Everything one `compress` run needs; stage sections are hashed into fingerprints."""
 
-    target: Literal["onnx", "ort", "coreml"] = "onnx"
+    target: Literal["onnx", "ort", "coreml", "qnn"] = "onnx"
     description: str = ""  # what the recipe is for (shown by `compress validate`)
     erase: list[str] = field(default_factory=list)  # concepts to erase (names or aliases)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -698,6 +726,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
+    qnn: QnnConfig = field(default_factory=QnnConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # white-box attacks in the benchmark stage
 
@@ -731,6 +760,13 @@ class ConceptPruneSettings:
 class QuantizeSettings:
     quantize: QuantizeConfig
     erase: list[str]  # their prompts calibrate the int8 UNet and gate its leakage
+
+
+@dataclass(frozen=True)
+class QnnSettings:
+    qnn: QnnConfig
+    quantize: QuantizeConfig  # calibration trajectories and the guidance gate's floors
+    erase: list[str]  # their prompts calibrate the UNet
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from toolchain.config import (
     ConfigError,
     DecoderSettings,
     FinetuneSettings,
+    QnnSettings,
     QuantizeSettings,
     RunConfig,
     check_finetune,
@@ -97,6 +98,7 @@ STAGES = {
     "quantize": Stage("quantize", 1, lambda c: QuantizeSettings(c.quantize, list(c.erase))),
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization),
     "coreml": Stage("coreml", 1, lambda c: c.coreml),
+    "qnn": Stage("qnn", 1, lambda c: QnnSettings(c.qnn, c.quantize, list(c.erase))),
     "benchmark": Stage(
         "benchmark",
         1,
@@ -139,12 +141,29 @@ def plan(cfg: RunConfig) -> list[Stage]:
         stages.append(STAGES["coreml"])
     else:
         stages.append(STAGES["export"])
+        if cfg.target == "qnn" and (cfg.quantize.enabled or cfg.quantize.fp16):
+            raise ConfigError("quantize.enabled/fp16 apply to ONNX Runtime's CPU; for QNN use qnn.precision=w8a16|fp16")
         if cfg.quantize.enabled or cfg.quantize.fp16:
             stages.append(STAGES["quantize"])
         if cfg.target == "ort":
             stages.append(STAGES["ort"])
+        if cfg.target == "qnn":
+            _check_qnn(cfg)
+            stages.append(STAGES["qnn"])
     stages.append(STAGES["benchmark"])
     return stages
+
+
+def _check_qnn(cfg: RunConfig) -> None:
+    """--target qnn: a known SoC and the runtime installed, before any work."""
+    from toolchain.runtime.qnn import SOCS, QnnUnavailable, qnn_device
+
+    if cfg.qnn.soc not in SOCS:
+        raise ConfigError(f"qnn.soc={cfg.qnn.soc!r}: unknown SoC; choose one of {sorted(SOCS)}")
+    try:
+        qnn_device()
+    except QnnUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def describe_plan(cfg: RunConfig, model: Path, out: Path, stages: list[Stage]) -> str:

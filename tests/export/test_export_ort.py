@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from export.ort import OPS_CONFIG, convert_to_ort
+from export.ort import OPS_CONFIG, USABILITY_EPS, convert_to_ort
 from toolchain import artifact as art
 
 from ..conftest import manifests, run
@@ -24,6 +24,11 @@ def test_convert_writes_ort_models_and_operator_config(finished_run, tmp_path):
     assert all(row["max_abs_err"] <= row["tolerance"] and row["reference"] == "onnx" for row in result["parity"])
     assert (tmp_path / "ort" / "tokenizer" / "vocab.json").is_file()
     assert (tmp_path / "ort" / "model_index.json").is_file()
+    usability = {(r["component"], r["execution_provider"]): r for r in result["usability"]}
+    assert set(usability) == {(c, ep) for c in ("text_encoder", "unet", "vae_decoder") for ep in USABILITY_EPS}
+    unet = usability[("unet", "CoreML (ML Program)")]
+    assert unet["partitions"] > 3 and 0 < unet["coverage"] < 0.95  # the dynamic-shape graph: CPU-bound on a phone
+    assert unet["nodes_blocked_by_dynamic_shapes"] > 0
 
 
 def test_convert_refuses_bad_input(tmp_path):

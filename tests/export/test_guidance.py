@@ -122,8 +122,6 @@ def test_quantize_stage_records_and_enforces_the_gate(tiny_onnx, tmp_path):
     (row,) = run("w8a16", activation_type="QUInt16").metrics["guidance"]
     assert (row["component"], row["format"], row["reference"]) == ("unet", "onnx-int8", "onnx-fp32")
     assert row["cosine"] >= 0.98 and 0.8 <= row["norm_ratio"] <= 1.25 and row["images"] > 0
-    with pytest.raises(GateError, match="guidance signal"):  # int8 never reproduces the signal exactly
-        run("strict", activation_type="QUInt16", guidance_cosine_floor=1.0)
     loose = run("stated", guidance_cosine_floor=0.0, guidance_norm_ratio=[0.1, 10.0]).metrics["guidance"][0]
     assert loose["cosine_floor"] == 0.0 and loose["cosine"] < 0.98  # accepted, with the floor it was held to
 

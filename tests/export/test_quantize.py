@@ -274,6 +274,7 @@ def _digits_bars(fp32: Path, n_per_prompt: int, calibration_prompts: int, feeds:
     ]
 
 
+@pytest.mark.slow  # 2.6 min; the default suite's int8 coverage is the tiny model's, plus test_guidance.py
 def test_digits_int8_keeps_the_erasure(erased_digits_run, tmp_path):
     """Default size: the student that erased 7 (tests/conftest.py), 4 images per prompt (28 of 7,
     36 of the other digits), so the bars get one image of slack. On a model that still draws 7s

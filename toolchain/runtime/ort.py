@@ -101,6 +101,9 @@ class OrtPipeline:
     generator. `load_ms`: session creation of the three components (tokenizer and scheduler
     excluded); `provider`: the execution provider the UNet actually runs on. `unet_hook(feed)` is
     called with every UNet feed, cast to the graph's dtypes, before it runs (int8 calibration).
+    `open_session(path, component)`: another runtime's sessions (`toolchain.runtime.qnn.htp_opener`).
+    A UNet exported with a fixed batch (the QNN target's) is fed that many rows per call: one prompt
+    at a time for a guided batch of 2 (`max_prompts`).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class OrtPipeline:
         providers: list[str] | None = None,
         threads: int = 0,
         unet_hook: Callable[[dict[str, np.ndarray]], None] | None = None,
+        open_session: Callable[[Path, str], object] | None = None,
     ):
         import onnxruntime  # noqa: F401  (imported before the clock starts: load_ms is session creation)
         import torch
@@ -122,7 +126,11 @@ class OrtPipeline:
         start = time.perf_counter()
         self.sessions, provided = {}, []
         for component in COMPONENTS:
-            self.sessions[component], provider = ort_session(folder / files[component], threads, providers)
+            if open_session is None:
+                self.sessions[component], provider = ort_session(folder / files[component], threads, providers)
+            else:
+                self.sessions[component] = open_session(folder / files[component], component)
+                provider = self.sessions[component].get_providers()[0]
             provided.append(provider)
         self.load_ms = round((time.perf_counter() - start) * 1000.0, 3)
         self.provider = provided[1]  # the UNet's: where the time goes
@@ -139,6 +147,8 @@ class OrtPipeline:
         self.scaling_factor = float(vae.get("scaling_factor", 0.18215))
         self.device, self.dtype = "cpu", torch.float32  # ONNX Runtime takes host arrays, whatever the provider
         self.schedule = read_schedule(folder)
+        rows = self.sessions["unet"].get_inputs()[0].shape[0]
+        self.max_prompts = rows // (1 if self.schedule is not None else 2) if isinstance(rows, int) else None
 
     def __call__(
         self,
@@ -149,6 +159,7 @@ class OrtPipeline:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> np.ndarray:
         """Images (N, H, W, 3) in [0, 1], one per prompt."""
+        batch_size = min(batch_size, self.max_prompts or batch_size)
         return sample(self, list(prompts), seed, steps, guidance_scale, batch_size)
 
     def encode(self, prompts: list[str], guided: bool):

@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 JUDGE_FILE = "judge.json"  # a model folder may name the judge that scores its images
 
 
-RUNTIMES = {"diffusers": "torch", "onnx": "onnxruntime", "ort": "ort", "coreml": "coreml"}  # artifact kind -> runtime
+RUNTIMES = {
+    "diffusers": "torch",
+    "onnx": "onnxruntime",
+    "ort": "ort",
+    "coreml": "coreml",
+    "qnn": "qnn",
+}  # kind -> runtime
 
 
 @dataclass(frozen=True)
@@ -179,16 +185,50 @@ def _judge_stages(chain: list[Artifact], evaluation: dict | None, bench: _Bench)
             "size_bytes": int(artifact.metrics.get("size_bytes", 0)),
             "wall_s": artifact.metrics.get("wall_s"),
         }
-        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort") else {}
+        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort", "qnn") else {}
         if evaluation and bench.measured(artifact) and (artifact.kind == "diffusers" or files):
+            # a QNN folder's bulk runs its own graphs on the CPU provider; a share through the HTP below
             ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads) if files else None
             scores, judged, samples[artifact.stage] = _evaluate(artifact, evaluation, bench.cfg, ort_pipe)
             entry.update(judged)
+            if artifact.kind == "qnn":
+                entry["htp"] = _htp_share(artifact, files, evaluation, bench.cfg)
             per_label[artifact.stage] = scores.per_label_accuracy
             per_label_n[artifact.stage] = scores.per_label_n
             del ort_pipe
         stages.append(entry)
     return stages, per_label, per_label_n, samples
+
+
+def _htp_share(artifact: Artifact, files: dict, evaluation: dict, cfg: BenchmarkConfig) -> dict:
+    """Leakage of every erased concept on `htp_images` images drawn through the QNN HTP backend itself
+    (its first prompt, the benchmark's seed), and how often the judge gives those images the label it
+    gives the same seeds drawn on the CPU provider: the share that says whether the CPU bulk stands in."""
+    import numpy as np
+
+    from benchmarks.leakage import get_judge
+    from toolchain.runtime.ort import OrtPipeline
+    from toolchain.runtime.qnn import htp_opener
+
+    record, judge = artifact.records, get_judge(evaluation["judge"], **evaluation["options"])
+    htp = OrtPipeline(artifact.path, files, open_session=htp_opener(record["soc"], set(record["fp16_components"])))
+    cpu = OrtPipeline(artifact.path, files)
+    share = {"runtime": "QNN HTP (simulator on x86)", "leakage": {}, "leakage_n": {}, "agreement": {}}
+    share["concept_agreement"] = {}
+    for label, prompts in evaluation["erase"].items():
+        batch = [prompts[0]] * record["htp_images"]
+        labels = [
+            np.asarray(
+                judge.classify(pipe(batch, cfg.seed, steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)).labels
+            )
+            for pipe in (htp, cpu)
+        ]
+        share["leakage"][label] = float(np.mean(labels[0].astype(str) == str(label)))
+        share["leakage_n"][label] = len(batch)
+        share["agreement"][label] = float(np.mean(labels[0] == labels[1]))  # the same digit
+        concept = [lab.astype(str) == str(label) for lab in labels]  # the leakage decision alone
+        share["concept_agreement"][label] = float(np.mean(concept[0] == concept[1]))
+    return share
 
 
 def _torch_latency(chain: list[Artifact], pipeline_dir, bench: _Bench) -> tuple[list[dict], list[dict]]:
@@ -293,6 +333,12 @@ def _side_by_side(chain: list[Artifact], pipeline_dir, bench: _Bench, ctx, warni
     deliverable = chain[-1]
     if not bench.cfg.side_by_side or not bench.measured(deliverable):
         return None
+    if deliverable.kind == "qnn":  # an HTP simulator's time is no phone's, and the CPU runs no NPU graph
+        warnings.append(
+            "no side by side for qnn: the HTP backend here is a simulator (per-call times in the parity rows); "
+            "time the context binaries on a Snapdragon phone"
+        )
+        return None
     files = _pipeline_files(deliverable) if deliverable.kind in ("onnx", "ort") else {}
     if not files:
         if deliverable.kind == "coreml":
@@ -387,7 +433,7 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
     """report.json's body (DESIGN.md's contract), keys in their committed order."""
     from benchmarks.latency import machine_info
 
-    device, exported = bench.device, [a for a in chain if a.kind in ("onnx", "ort")]
+    device, exported = bench.device, [a for a in chain if a.kind in ("onnx", "ort", "qnn")]
     report = {
         "model": {
             "source": str(chain[0].files),
@@ -402,6 +448,9 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
         "memory": memory,
         "parity": [row for artifact in exported for row in artifact.metrics.get("parity", [])],
         "guidance": [row for artifact in exported for row in artifact.metrics.get("guidance", [])],
+        "usability": [
+            {"stage": artifact.stage, **row} for artifact in exported for row in artifact.metrics.get("usability", [])
+        ],
         "warnings": warnings,
     }
     if evaluation:
@@ -409,6 +458,8 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
 
         judge = get_judge(evaluation["judge"], **evaluation["options"])
         report["judge"] = judge.describe() if hasattr(judge, "describe") else {"judge": judge.name}
+    if chain[-1].kind == "qnn":  # what an app needs to load it: SoC, precisions, runtime versions
+        report["qnn"] = dict(chain[-1].records)
     if any(m.get("over_budget") for m in memory):
         report["over_budget"] = True
     return report

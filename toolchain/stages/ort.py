@@ -24,6 +24,7 @@ def run(source: Artifact, optimization_style: str, ctx) -> Artifact:
         records={"optimization_style": optimization_style, "operators_config": result["operators_config"]},
         metrics={
             "parity": result["parity"],
+            "usability": result["usability"],
             "files": result["files"],
             "params": dict(source.metrics.get("params", {})),  # conversion keeps every weight
             "size_bytes": folder_size(ctx.out_dir),

@@ -39,7 +39,7 @@ def run(source: Artifact, settings: QuantizeSettings, ctx) -> Artifact:
     records = {"int8": {}, "fp16_components": []}
     metrics = {"parity": [], "files": {}, "guidance": []}
     unet_format = "onnx-int8" if "unet" in int8 else "onnx-fp16" if cfg.fp16 else None
-    prompts = _calibration_prompts(cfg, list(settings.erase))
+    prompts = calibration_prompts(cfg, list(settings.erase))
     held_out = held_out_feeds(src, prompts, cfg) if unet_format else []
     try:
         if cfg.fp16:  # first, so the int8 files copied over it below are the last word
@@ -130,7 +130,7 @@ def _static_calibration(src, int8: list[str], cfg: QuantizeConfig, erase: list[s
     from export.quantize import collect_unet_calibration
 
     calibration, parity_inputs = {}, {}
-    prompts = _calibration_prompts(cfg, erase)
+    prompts = calibration_prompts(cfg, erase)
     for name in int8:
         if name != "unet":
             raise GateError(
@@ -196,7 +196,7 @@ def _guidance_gate(src, out_dir, unet_format: str, feeds: list, cfg: QuantizeCon
     return row
 
 
-def _calibration_prompts(cfg: QuantizeConfig, erase: list[str]) -> list[str]:
+def calibration_prompts(cfg: QuantizeConfig, erase: list[str]) -> list[str]:
     """`cfg.calibration_prompts` prompts: the erased concepts' retain, erase and held-out prompts, then
     `cfg.calibration_text`, repeated in turn when there are fewer; "" when the recipe has none."""
     from toolchain.config import load_concept
