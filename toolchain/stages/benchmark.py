@@ -213,8 +213,13 @@ def _htp_share(artifact: Artifact, files: dict, evaluation: dict, cfg: Benchmark
     record, judge = artifact.records, get_judge(evaluation["judge"], **evaluation["options"])
     htp = OrtPipeline(artifact.path, files, open_session=htp_opener(record["soc"], set(record["fp16_components"])))
     cpu = OrtPipeline(artifact.path, files)
-    share = {"runtime": "QNN HTP (simulator on x86)", "leakage": {}, "leakage_n": {}, "agreement": {}}
-    share["concept_agreement"] = {}
+    share = {
+        "runtime": "QNN HTP (simulator on x86)",
+        "leakage": {},
+        "leakage_n": {},
+        "agreement": {},
+        "concept_agreement": {},
+    }
     for label, prompts in evaluation["erase"].items():
         batch = [prompts[0]] * record["htp_images"]
         labels = [
