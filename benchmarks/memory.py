@@ -107,32 +107,60 @@ def cuda_peak_bytes(fn: Callable[[], object], device: str = "cuda") -> int:
 
 
 def ort_component(
-    model_path: str, component: str, pipeline_dir: str, batch: int, providers: list[str], threads: int, seed: int = 0
+    model_path: str,
+    component: str,
+    pipeline_dir: str,
+    batch: int,
+    providers: list[str],
+    threads: int,
+    seed: int = 0,
+    runtime: str = "onnxruntime",
 ) -> str:
-    """Create a session for one component and run it once on example inputs; returns the provider."""
+    """Create a session for one component (an ExecuTorch program's with runtime="executorch") and run it
+    once on example inputs; returns the provider."""
     import onnxruntime  # noqa: F401
 
     from toolchain.runtime.ort import component_inputs, ort_feed, ort_session
 
     inputs = component_inputs(Path(pipeline_dir), component, batch, seed)
-    mark_runtime()
-    session, provider = ort_session(Path(model_path), threads, providers)
+    if runtime == "executorch":
+        from toolchain.runtime.executorch import ExecuTorchSession, require_executorch
+
+        require_executorch()  # imports the runtime before the mark
+        mark_runtime()
+        session = ExecuTorchSession(Path(model_path), component)
+        provider = session.get_providers()[0]
+    else:
+        mark_runtime()
+        session, provider = ort_session(Path(model_path), threads, providers)
     session.run(None, ort_feed(session, inputs))
     return provider
 
 
 def ort_image(
-    folder: str, files: dict[str, str], providers: list[str], threads: int, steps: int, guidance_scale: float
+    folder: str,
+    files: dict[str, str],
+    providers: list[str],
+    threads: int,
+    steps: int,
+    guidance_scale: float,
+    runtime: str = "onnxruntime",
 ) -> str:
-    """Generate one image with the whole pipeline in ONNX Runtime; returns the UNet's provider."""
+    """Generate one image with the whole pipeline in ONNX Runtime (in ExecuTorch's runtime with
+    runtime="executorch"); returns the UNet's provider."""
     import diffusers  # noqa: F401
     import onnxruntime  # noqa: F401
     import transformers  # noqa: F401
 
     from toolchain.runtime.ort import OrtPipeline
 
+    opener = None
+    if runtime == "executorch":
+        from toolchain.runtime.executorch import executorch_opener
+
+        opener = executorch_opener()
     mark_runtime()
-    pipe = OrtPipeline(Path(folder), files, providers, threads)
+    pipe = OrtPipeline(Path(folder), files, providers, threads, open_session=opener)
     pipe(["a photo"], seed=0, steps=steps, guidance_scale=guidance_scale)
     return pipe.provider
 

@@ -197,6 +197,16 @@ def _how_to_load(target: str, report: dict[str, Any]) -> list[str]:
             f"`enable_htp_fp16_precision=1` for {', '.join(qnn.get('fp16_components', []))}; shapes are fixed "
             f"(rows per call: {qnn.get('batches')}).",
         ]
+    elif target == "executorch":
+        et = report.get("executorch", {})
+        lines += [
+            f"ExecuTorch {et.get('executorch')} runtime with the XNNPACK backend linked in (Android: the "
+            "`executorch-android` AAR; iOS: the ExecuTorch Swift package with `backend_xnnpack`): load "
+            "`text_encoder/model.pte`, `unet/model.pte` and `vae_decoder/model.pte` as `Module`s and call "
+            f"`forward`. Inputs are positional and fixed in shape: {et.get('inputs')}. Tokenize with "
+            "`tokenizer/` (CLIP BPE), step with the DDIM scheduler of `scheduler/scheduler_config.json`, divide "
+            "latents by the VAE's `scaling_factor` (`vae_decoder/config.json`) before decoding.",
+        ]
     if generator:
         lines += [
             "",

@@ -1,4 +1,5 @@
-"""The files a converted ONNX folder shares with its source: optimum's layout around the graphs."""
+"""What every phone layout shares: the files a converted folder keeps from its source (optimum's
+layout around the graphs) and the rows each component takes per call."""
 
 from __future__ import annotations
 
@@ -18,3 +19,10 @@ def copy_pipeline_files(src_dir: Path, out_dir: Path, ignore=None) -> None:
             shutil.copytree(item, out_dir / item.name, dirs_exist_ok=True, ignore=ignore)
         else:
             shutil.copy2(item, out_dir / item.name)
+
+
+def deploy_batches(generator: bool) -> dict[str, int]:
+    """Rows per call of each fixed-shape component as the app feeds them: a guided pair per image
+    (1 row for a k-step generator, which runs unguided), the VAE decoder one image."""
+    pair = 1 if generator else 2
+    return {"text_encoder": pair, "unet": pair, "vae_decoder": 1}

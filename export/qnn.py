@@ -43,12 +43,6 @@ CONTEXT_SUFFIX = "_ctx"
 PSNR_FLOORS_DB = {"w8a16": 30.0, "w8a8": 20.0, "fp16": 30.0}
 
 
-def deploy_batches(generator: bool) -> dict[str, int]:
-    """Rows per call of each component as the app feeds them."""
-    pair = 1 if generator else 2
-    return {"text_encoder": pair, "unet": pair, "vae_decoder": 1}
-
-
 def prepare_qnn_folder(
     onnx_dir: Path,
     out_dir: Path,
@@ -73,7 +67,7 @@ def prepare_qnn_folder(
     """
     from tqdm.auto import tqdm
 
-    from export.layout import copy_pipeline_files
+    from export.layout import copy_pipeline_files, deploy_batches
     from toolchain.runtime.qnn import SOCS, qnn_device
 
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)

@@ -388,8 +388,14 @@ def collect_unet_calibration(
     generate(list(prompts), seed)
     if not recorded:
         raise RuntimeError("the ONNX pipeline ran no UNet step; pass at least one prompt and steps >= 1")
-    picks = np.unique(np.linspace(0, len(recorded) - 1, num=min(n, len(recorded))).round().astype(int))
-    return [recorded[i] for i in picks]
+    return evenly_spaced(recorded, n)
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """At most `n` of `items`, evenly spaced from the first to the last (a trajectory's early, noisy
+    and late, clean steps both represented)."""
+    picks = np.unique(np.linspace(0, len(items) - 1, num=min(n, len(items))).round().astype(int))
+    return [items[i] for i in picks]
 
 
 def collect_unet_parity_feed(

@@ -34,6 +34,10 @@ def cpu_check(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((out / "gpu-check.json").read_text()), out
 
 
+# the smoke run takes 80 s on 2 cores: its tests run with -m slow; the refusal test stays in the default run
+SMOKE = pytest.mark.slow
+
+
 def _figures(result: dict) -> dict[str, dict]:
     return {row["name"]: row for row in result["figures"]}
 
@@ -44,6 +48,7 @@ def _value(result: dict, name: str) -> float:
     return value
 
 
+@SMOKE
 def test_every_part_runs_under_accelerate_and_every_check_holds(cpu_check):
     result, _ = cpu_check
     assert result["ok"] and result["device"] == "cpu" and result["mode"] == "tiny"
@@ -56,6 +61,7 @@ def test_every_part_runs_under_accelerate_and_every_check_holds(cpu_check):
         assert set(row) == {"name", "value", "unit", "what", "device"} and row["what"] and row["device"], row
 
 
+@SMOKE
 def test_digits_loss_is_finite_and_falls_and_pruning_removes_params(cpu_check):
     result, _ = cpu_check
     assert _value(result, "digits.finetune.loss_last") < _value(result, "digits.finetune.loss_first")
@@ -66,12 +72,14 @@ def test_digits_loss_is_finite_and_falls_and_pruning_removes_params(cpu_check):
     assert math.isfinite(_value(result, "sfd.finetune.loss_last"))
 
 
+@SMOKE
 def test_export_of_the_trained_model_matches_pytorch(cpu_check):
     result, _ = cpu_check
     assert _value(result, "digits.export.unet.max_abs_err") <= 1e-4
     assert _value(result, "digits.export.unet.psnr_db") >= 35
 
 
+@SMOKE
 def test_latency_speed_and_memory_figures_are_positive_and_say_where(cpu_check):
     result, _ = cpu_check
     figures = _figures(result)
@@ -88,6 +96,7 @@ def test_latency_speed_and_memory_figures_are_positive_and_say_where(cpu_check):
     assert any("wants CUDA but torch sees no GPU" in w for w in result["warnings"])  # said, not hidden
 
 
+@SMOKE
 def test_markdown_is_rendered_from_the_json(cpu_check, monkeypatch):
     result, out = cpu_check
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)

@@ -20,6 +20,8 @@ examples:
   compress --target onnx                      embedded digits model -> runs/compress/deploy/onnx/
   compress --target coreml                    Core ML packages for Apple's Swift pipeline
   compress --target ort                       ORT format + required_operators.config (Android)
+  compress --target qnn                       Qualcomm NPU: fixed-shape graphs + HTP context binaries
+  compress --target executorch                ExecuTorch .pte programs (XNNPACK) for Android and iOS
   compress --target onnx --dry-run            print the plan, touch nothing
   compress --target onnx prune.ratio=0.5      override any recipe key with key=value
   compress --target onnx --model ./sd-1-5 --out runs/sd15 benchmark.judge=none
@@ -45,7 +47,9 @@ def _run_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--target", metavar="{onnx,ort,coreml}", help="deployment format (default: the recipe's, else onnx)"
+        "--target",
+        metavar="{onnx,ort,coreml,qnn,executorch}",
+        help="deployment format (default: the recipe's, else onnx)",
     )
     parser.add_argument("--model", help="diffusers pipeline folder (default: the embedded digits model)")
     parser.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: default)")
@@ -82,7 +86,7 @@ def _bench_parser() -> argparse.ArgumentParser:
         "baseline report.json and exit 1 on a regression (the CI gate).",
         epilog="examples:\n"
         "  compress bench runs/compress\n"
-        "  compress bench runs/compress --profile pixel-8-emulated\n"
+        "  compress bench runs/compress --profile cuda\n"
         "  compress bench runs/compress/03-export --runtime onnxruntime   one stage, one runtime\n"
         "  compress bench runs/ci --baseline benchmarks/results/baseline-default.json --tolerance speedup_ratio=1.5\n"
         "  compress bench runs/ci/report.json --baseline old.json     compare without re-measuring\n"
@@ -140,6 +144,8 @@ def _configure_logging(quiet: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # torchao (imported by diffusers and ExecuTorch) warns about every CUDA kernel library a CPU build lacks
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

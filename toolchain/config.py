@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TARGETS = ("onnx", "ort", "coreml", "qnn")
+TARGETS = ("onnx", "ort", "coreml", "qnn", "executorch")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -601,6 +601,26 @@ class QnnConfig:
             raise ConfigError(f"qnn.psnr_floor_db keys {bad}: choose from {list(QNN_PRECISIONS)}")
 
 
+EXECUTORCH_PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class ExecuTorchConfig:
+    """ExecuTorch programs with the XNNPACK delegate (`--target executorch`, stage `executorch`);
+    calibration and the guidance gate's floors come from the quantize section."""
+
+    # The UNet's precision. fp32 by default: XNNPACK's 8-bit UNet (PT2E, int8 activations) keeps 20+ dB
+    # output parity but crushes the guidance signal as ORT's uint8 int8 does (digits UNet:
+    # benchmarks/results/phone-runtimes.md), which the guidance gate refuses
+    precision: Literal["fp32", "int8"] = "fp32"
+    psnr_floor_db: dict[str, float] = field(default_factory=dict)  # per precision, over export.executorch's floors
+
+    def __post_init__(self):
+        bad = sorted(set(self.psnr_floor_db) - set(EXECUTORCH_PRECISIONS))
+        if bad:
+            raise ConfigError(f"executorch.psnr_floor_db keys {bad}: choose from {list(EXECUTORCH_PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class CoreMLConfig:
     """Core ML conversion for `--target coreml` (stage `coreml`): ML programs for Apple's
@@ -716,7 +736,7 @@ class AttackConfig:
 class RunConfig:
     """Everything one `compress` run needs; stage sections are hashed into fingerprints."""
 
-    target: Literal["onnx", "ort", "coreml", "qnn"] = "onnx"
+    target: Literal["onnx", "ort", "coreml", "qnn", "executorch"] = "onnx"
     description: str = ""  # what the recipe is for (shown by `compress validate`)
     erase: list[str] = field(default_factory=list)  # concepts to erase (names or aliases)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -727,6 +747,7 @@ class RunConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
     qnn: QnnConfig = field(default_factory=QnnConfig)
+    executorch: ExecuTorchConfig = field(default_factory=ExecuTorchConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # white-box attacks in the benchmark stage
 
@@ -765,6 +786,13 @@ class QuantizeSettings:
 @dataclass(frozen=True)
 class QnnSettings:
     qnn: QnnConfig
+    quantize: QuantizeConfig  # calibration trajectories and the guidance gate's floors
+    erase: list[str]  # their prompts calibrate the UNet
+
+
+@dataclass(frozen=True)
+class ExecuTorchSettings:
+    executorch: ExecuTorchConfig
     quantize: QuantizeConfig  # calibration trajectories and the guidance gate's floors
     erase: list[str]  # their prompts calibrate the UNet
 

@@ -1,11 +1,14 @@
-"""Device profiles: where the benchmark stage pretends to run (`configs/devices/<name>.yaml`).
+"""Device profiles: what the benchmark stage runs the deliverable through (`configs/devices/<name>.yaml`).
 
-A profile caps intra-op threads, lists the ONNX Runtime execution providers wanted (the first
-one the installed build has is used; the fallback is stated), and sets a memory budget that the
-measured peak RSS is checked against. `emulated: true` marks a phone imitated on this machine:
-same thread count and budget, not the phone's silicon, so its latencies are indicative only.
+A profile names the runtime whose numerics the deliverable's images and times come from
+(`runtime`: ONNX Runtime with its execution providers, the QNN HTP backend, or ExecuTorch with
+XNNPACK), caps intra-op threads, lists the ONNX Runtime execution providers wanted (the first one
+the installed build has is used; the fallback is stated), and sets a memory budget that the
+measured peak RSS is checked against. `emulated: true` marks a phone's runtime run on this
+machine: its numerics, not its silicon, so its latencies are no phone's.
 
-    profile = load_device_profile("pixel-8-emulated")
+    profile = load_device_profile("snapdragon-htp")
+    profile.check_deliverable("qnn")
     providers, missing = profile.resolve_providers()
 """
 
@@ -44,7 +47,11 @@ class DeviceProfile:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])  # wanted, in order
     fallback_provider: str = "CPUExecutionProvider"  # what runs when none of `providers` is installed
     torch_device: Literal["cpu", "cuda"] = "cpu"  # where the PyTorch rows run
-    emulated: bool = False  # true: a phone imitated on this machine (threads, memory), not measured on it
+    emulated: bool = False  # true: a phone's runtime run on this machine (its numerics), not measured on the phone
+    # what the deliverable's judged images and timed calls run through: ONNX Runtime (`providers`), the
+    # QNN HTP backend (a --target qnn deliverable, every image; the x86 simulator here) or ExecuTorch's
+    # runtime with XNNPACK (a --target executorch deliverable)
+    runtime: Literal["onnxruntime", "qnn-htp", "executorch"] = "onnxruntime"
     name: str = ""  # set from the file name by the loader
 
     def __post_init__(self):
@@ -62,6 +69,15 @@ class DeviceProfile:
                     f"device profile {self.name}: unknown execution provider {provider!r}; "
                     f"known: {', '.join(KNOWN_PROVIDERS)}"
                 )
+
+    def check_deliverable(self, kind: str) -> None:
+        """ConfigError when this profile's runtime cannot run a deliverable of `kind` (its target)."""
+        needs = {"qnn-htp": "qnn", "executorch": "executorch"}.get(self.runtime)
+        if needs and kind != needs:
+            raise ConfigError(
+                f"device profile {self.name} runs the deliverable through {self.runtime}, which takes a "
+                f"--target {needs} deliverable, not {kind}; pick another profile or --target {needs}"
+            )
 
     def resolve_providers(self, available: list[str] | None = None) -> tuple[list[str], list[str]]:
         """(providers to pass to an InferenceSession, wanted providers this build lacks)."""
@@ -83,11 +99,12 @@ class DeviceProfile:
             "providers": list(self.providers),
             "fallback_provider": self.fallback_provider,
             "emulated": self.emulated,
+            "runtime": self.runtime,
         }
 
 
 def profile_path(name_or_path: str) -> Path:
-    """A shipped profile name (`pixel-8-emulated`) or a path to a profile YAML."""
+    """A shipped profile name (`snapdragon-htp`) or a path to a profile YAML."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():

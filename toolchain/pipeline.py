@@ -5,7 +5,8 @@ Run folder layout (`--out`):
     01-prune/                    diffusers folder + manifest.json
     02-finetune/                 (with finetune.enabled) distilled student, unlearning --erase
     02-concept_prune/            (with concept_prune.enabled) skilled neurons of --erase zeroed
-    02-export/                   target-format folder + manifest.json
+    02-export/                   target-format folder + manifest.json (02-coreml/, 02-executorch/:
+                                 converted from PyTorch)
     03-quantize/                 (with quantize.enabled / quantize.fp16) int8 / fp16 ONNX folder
     03-benchmark/                report.json, report.md + manifest.json
     deploy/<target>/             the deliverable, laid out as the target's users expect
@@ -37,6 +38,7 @@ from toolchain.config import (
     ConceptPruneSettings,
     ConfigError,
     DecoderSettings,
+    ExecuTorchSettings,
     FinetuneSettings,
     QnnSettings,
     QuantizeSettings,
@@ -99,6 +101,7 @@ STAGES = {
     "ort": Stage("ort", 1, lambda c: c.export.ort_optimization),
     "coreml": Stage("coreml", 1, lambda c: c.coreml),
     "qnn": Stage("qnn", 1, lambda c: QnnSettings(c.qnn, c.quantize, list(c.erase))),
+    "executorch": Stage("executorch", 1, lambda c: ExecuTorchSettings(c.executorch, c.quantize, list(c.erase))),
     "benchmark": Stage(
         "benchmark",
         1,
@@ -113,7 +116,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
 
     for name in cfg.erase:
         load_concept(name)  # an unknown concept is bad input, found before any work
-    load_device_profile(cfg.benchmark.profile)
+    load_device_profile(cfg.benchmark.profile).check_deliverable(cfg.target)
     stages = []
     if cfg.prune.method != "none":
         stages.append(STAGES["prune"])
@@ -131,7 +134,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
                 "drop vae_encoder from export.components"
             )
         stages.append(STAGES["decoder"])
-    # Core ML converts from PyTorch; ORT format converts the ONNX export
+    # Core ML and ExecuTorch convert from PyTorch; ORT format and QNN convert the ONNX export
     if cfg.target == "coreml":
         if cfg.quantize.enabled or cfg.quantize.fp16:
             raise ConfigError(
@@ -139,6 +142,13 @@ def plan(cfg: RunConfig) -> list[Stage]:
                 "and coreml.precision=fp16"
             )
         stages.append(STAGES["coreml"])
+    elif cfg.target == "executorch":
+        if cfg.quantize.enabled or cfg.quantize.fp16:
+            raise ConfigError(
+                "quantize.enabled/fp16 apply to ONNX targets; for ExecuTorch use executorch.precision=int8"
+            )
+        _check_executorch()
+        stages.append(STAGES["executorch"])
     else:
         stages.append(STAGES["export"])
         if cfg.target == "qnn" and (cfg.quantize.enabled or cfg.quantize.fp16):
@@ -163,6 +173,16 @@ def _check_qnn(cfg: RunConfig) -> None:
     try:
         qnn_device()
     except QnnUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_executorch() -> None:
+    """--target executorch: the runtime installed, before any work."""
+    from toolchain.runtime.executorch import ExecuTorchUnavailable, require_executorch
+
+    try:
+        require_executorch()
+    except ExecuTorchUnavailable as exc:
         raise ConfigError(str(exc)) from exc
 
 

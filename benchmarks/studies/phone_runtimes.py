@@ -10,14 +10,22 @@ accuracy with Wilson intervals and image counts and judge FID (judged on ONNX Ru
 for QNN rows its own fixed-shape graphs there, i.e. simulated quantization), leakage on
 `--htp-images` images drawn through the HTP itself with the judge's agreement with the CPU on the
 same seeds, folder size, and the UNet's per-call time (CPU: ORT at the machine's threads; QNN: the
-HTP *simulator*, no phone's latency). Gates are off here: the study measures what they judge.
+HTP *simulator*, no phone's latency). ExecuTorch rows lower the same student from PyTorch
+(`--student`, its diffusers folder) with the XNNPACK delegate, fp32 or with the UNet 8-bit (PT2E,
+calibrated on the same trajectories), and are judged with every image drawn through ExecuTorch's
+runtime (XNNPACK on x86, not a phone's time). Gates are off here: the study measures what they judge.
 
     python -m benchmarks.studies.phone_runtimes --export runs/compress/03-export --out benchmarks/results/phone-runtimes
+    python -m benchmarks.studies.phone_runtimes --export runs/compress/03-export --student runs/compress/02-finetune \
+        --rows executorch-fp32 executorch-int8 --merge --out benchmarks/results/phone-runtimes
+
+`--merge` keeps the rows of OUT.json this command does not measure (each row names the command that measured it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import sys
@@ -29,8 +37,9 @@ import numpy as np
 
 from benchmarks.studies.digits_erase import handwritten_section, write_result
 
-ROWS = ("ort-fp32", "ort-w8a8", "ort-w8a16", "qnn-fp16", "qnn-w8a16", "qnn-w8a8")
+ROWS = ("ort-fp32", "ort-w8a8", "ort-w8a16", "qnn-fp16", "qnn-w8a16", "qnn-w8a8", "executorch-fp32", "executorch-int8")
 FILES = {c: f"{c}/model.onnx" for c in ("text_encoder", "unet", "vae_decoder")}
+PROGRAMS = {c: f"{c}/model.pte" for c in FILES}  # an ExecuTorch folder's
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,8 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-per-prompt", type=int, default=4)
     parser.add_argument("--htp-images", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/phone-runtimes"))
+    parser.add_argument(
+        "--student", type=Path, help="the same student's diffusers folder (NN-finetune): ExecuTorch rows"
+    )
+    parser.add_argument("--merge", action="store_true", help="keep OUT.json's rows this command does not measure")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args(argv)
+    if any(r.startswith("executorch") for r in args.rows) and not args.student:
+        parser.error("ExecuTorch rows lower from PyTorch: pass --student (the run's NN-finetune folder)")
+    command = "python -m benchmarks.studies.phone_runtimes " + " ".join(argv if argv is not None else sys.argv[1:])
 
     from toolchain.artifact import Artifact
     from toolchain.config import BenchmarkConfig, QuantizeConfig
@@ -57,20 +73,25 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in args.rows:
         start = time.perf_counter()
-        folder, unet_fn, per_call = _build(name, args.export, args.work / name, calibration, held_out)
-        row = {"row": name, "build_s": round(time.perf_counter() - start, 1)}
+        folder, unet_fn, per_call = _build(name, args, args.work / name, calibration, held_out)
+        row = {"row": name, "command": command, "build_s": round(time.perf_counter() - start, 1)}
         row.update(_fidelity(args.export, unet_fn, held_out))
-        row.update(_judged(folder, plan, args.n_per_prompt))
+        row.update(_judged(folder, plan, args.n_per_prompt, executorch=name.startswith("executorch")))
         if name.startswith("qnn"):
             row.update(_htp_share(folder, name, plan, args.htp_images))
         row.update(size_bytes=_bytes(folder), unet_call_ms=per_call, unet_call_runtime=_call_runtime(name))
         print(row, flush=True)
         rows.append(row)
+    if args.merge and args.out and args.out.with_suffix(".json").is_file():
+        kept = json.loads(args.out.with_suffix(".json").read_text())
+        measured = {r["row"] for r in rows}
+        rows = [r for r in kept["rows"] if r["row"] not in measured] + rows
+        rows.sort(key=lambda r: ROWS.index(r["row"]))
+        command = kept["command"]
     result = {
-        "command": "python -m benchmarks.studies.phone_runtimes "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-        "versions": {p: version(p) for p in ("torch", "onnxruntime", "onnxruntime-qnn", "diffusers")},
+        "versions": {p: version(p) for p in ("torch", "onnxruntime", "onnxruntime-qnn", "executorch", "diffusers")},
         "export": str(args.export),
         "erase": args.erase,
         "rows": rows,
@@ -89,13 +110,16 @@ def _calibration(export: Path, prompts: list[str], cfg) -> list:
     )  # fmt: skip
 
 
-def _build(name: str, export: Path, folder: Path, calibration: list, held_out: list):
+def _build(name: str, args, folder: Path, calibration: list, held_out: list):
     """The row's folder, its UNet as a function of a feed, and its UNet call time (ms)."""
     from export.guidance import onnx_unet_fn
     from export.qnn import htp_unet_fn, prepare_qnn_folder
     from export.quantize import quantize_onnx_folder
 
+    export = args.export
     shutil.rmtree(folder, ignore_errors=True)
+    if name.startswith("executorch"):
+        return _build_executorch(name.split("-")[1], args.student, folder, calibration, held_out)
     if name == "ort-fp32":
         return export, onnx_unet_fn(export / "unet" / "model.onnx"), _cpu_call_ms(export, held_out)
     if name.startswith("ort"):
@@ -113,6 +137,20 @@ def _build(name: str, export: Path, folder: Path, calibration: list, held_out: l
     (unet,) = [r for r in result["parity"] if r["component"] == "unet"]
     fn = htp_unet_fn(folder / "unet" / "model.onnx", fp16=precision == "fp16")
     return folder, fn, unet["htp_call_ms"]
+
+
+def _build_executorch(precision: str, student: Path, folder: Path, calibration: list, held_out: list):
+    """The student lowered to ExecuTorch programs (XNNPACK), floors off; the UNet's call time is
+    XNNPACK's on this x86 machine."""
+    from export.executorch import executorch_unet_fn, export_executorch
+    from toolchain.models.io import load_pipeline
+
+    result = export_executorch(
+        load_pipeline(student), folder, precision, calibration if precision == "int8" else None,
+        held_out[len(held_out) // 2], psnr_floors_db={"fp32": 0.0, "int8": 0.0}, progress=False,
+    )  # fmt: skip
+    (unet,) = [r for r in result["parity"] if r["component"] == "unet"]
+    return folder, executorch_unet_fn(folder / "unet" / "model.pte"), unet["call_ms"]
 
 
 def _cpu_call_ms(folder: Path, held_out: list, repeats: int = 10) -> float:
@@ -147,14 +185,19 @@ def _fidelity(export: Path, unet_fn, held_out: list) -> dict:
     }
 
 
-def _judged(folder: Path, plan: dict, n_per_prompt: int) -> dict:
+def _judged(folder: Path, plan: dict, n_per_prompt: int, executorch: bool = False) -> dict:
     """Leakage, held-out leakage, retain accuracy (Wilson intervals, counts) and FID on the CPU
-    provider, over the benchmark stage's own prompts (`plan`: its evaluation plan)."""
+    provider (an ExecuTorch folder: through ExecuTorch's runtime), over the benchmark stage's own
+    prompts (`plan`: its evaluation plan)."""
     from benchmarks.leakage import evaluate_concepts, get_judge
+    from toolchain.runtime.executorch import executorch_opener
     from toolchain.runtime.ort import OrtPipeline
 
     judge = get_judge(plan["judge"], **plan["options"])
-    pipe = OrtPipeline(folder, FILES)
+    if executorch:
+        pipe = OrtPipeline(folder, PROGRAMS, open_session=executorch_opener())
+    else:
+        pipe = OrtPipeline(folder, FILES)
     (label,) = plan["erase"]
     scores = evaluate_concepts(lambda p, s: pipe(p, s), judge, plan["erase"], plan["retain"], n_per_prompt, 0)
     held = evaluate_concepts(lambda p, s: pipe(p, s), judge, plan["heldout"], {}, n_per_prompt, 1)
@@ -198,6 +241,8 @@ def _htp_share(folder: Path, name: str, plan: dict, images: int) -> dict:
 
 
 def _call_runtime(name: str) -> str:
+    if name.startswith("executorch"):
+        return "ExecuTorch XNNPACK (x86)"
     return "QNN HTP simulator (x86)" if name.startswith("qnn") else "ONNX Runtime CPU"
 
 
@@ -215,8 +260,9 @@ def to_markdown(result: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "",
         "Leakage, held-out leakage and retain are judged on ONNX Runtime's CPU provider (QNN rows: their own "
-        "fixed-shape graphs there); `htp` columns are images drawn through the QNN HTP backend itself. The UNet "
-        "call time of QNN rows is the HTP *simulator's* on x86, not a phone's.",
+        "fixed-shape graphs there; ExecuTorch rows: every image through ExecuTorch's runtime); `htp` columns are "
+        "images drawn through the QNN HTP backend itself. The UNet call time of QNN rows is the HTP *simulator's* "
+        "on x86, of ExecuTorch rows XNNPACK's on x86: neither is a phone's.",
         "",
         "| row | UNet PSNR vs fp32 (dB) | guidance cosine (worst band) | guidance norm ratio | leakage of "
         f"{result['erase']} | held-out leakage | retain | FID | htp leakage | htp vs CPU: same digit / same leakage call | "

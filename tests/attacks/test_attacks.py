@@ -413,6 +413,7 @@ def test_every_attack_figure_is_the_judges_share(tiny_sd_dir, tiny_pipe, tmp_pat
     assert stages[2]["attack"]["7"]["prompt_attack"] == rate
 
 
+@pytest.mark.slow  # 80 s on 2 cores; an option of the finetune stage, not the core path
 def test_robust_option_lowers_attack_success_relative_to_plain_bilevel_in_a_short_run(digits, tmp_path):
     """8 bilevel steps, each with an ESD upper step on "seven" (cross-attention only), leave an
     erasure the prefix attack breaks (measured: 31% of 48 attacked images are 7s, plain 6%); the

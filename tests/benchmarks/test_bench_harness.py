@@ -218,9 +218,12 @@ def test_shipped_device_profiles_validate(path):
     )
     profile = load_device_profile(str(path))
     assert profile.name == path.stem and profile.fallback_provider == "CPUExecutionProvider"
-    assert profile.emulated == path.stem.endswith("-emulated")
+    # a phone's profile names the phone runtime it runs through: none is a thread count alone
+    assert profile.emulated == (profile.runtime != "onnxruntime")
     if profile.emulated:
-        assert profile.threads > 0 and profile.memory_budget_bytes > 0
+        assert profile.memory_budget_bytes > 0
+        with pytest.raises(ConfigError, match=profile.runtime):
+            profile.check_deliverable("onnx")
 
 
 def test_device_profiles_reject_bad_input(tmp_path):

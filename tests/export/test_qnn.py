@@ -172,3 +172,24 @@ def test_benchmark_draws_its_share_through_the_htp(qnn_fp16, monkeypatch):
     assert share["agreement"] == share["concept_agreement"] == {"7": 1.0}
     text = render_markdown({"stages": [{"name": "qnn", "htp": share}]})
     assert "## Through the QNN HTP backend" in text and "| qnn | 7 | 2 |" in text
+
+
+def test_snapdragon_profile_draws_the_bulk_through_the_htp(qnn_fp16):
+    """Under the snapdragon-htp profile the benchmark opens a QNN deliverable on the HTP backend for
+    every image (no CPU stand-in); under desktop-cpu on ONNX Runtime's CPU provider plus the HTP share;
+    the profile refuses a deliverable it cannot run."""
+    from toolchain.config import ConfigError
+    from toolchain.device_config import load_device_profile
+    from toolchain.stages.benchmark import _Bench, _opener
+
+    out, result = qnn_fp16
+    artifact = Artifact(path=out, kind="qnn", records=result["qnn"])
+    benches = {
+        name: _Bench(None, load_device_profile(name), ["CPUExecutionProvider"], 0, "cpu", None)
+        for name in ("snapdragon-htp", "desktop-cpu")
+    }
+    assert _opener(artifact, benches["desktop-cpu"]) is None
+    htp = OrtPipeline(out, FILES, open_session=_opener(artifact, benches["snapdragon-htp"]))
+    assert htp.provider == "QNNExecutionProvider" and htp.max_prompts == 1
+    with pytest.raises(ConfigError, match="--target qnn"):
+        benches["snapdragon-htp"].device.check_deliverable("onnx")

@@ -723,6 +723,7 @@ def _digits_erasure(prune_ratio: float, samples_per_prompt: int, n_per_prompt: i
     return scores
 
 
+@pytest.mark.slow  # 30 s; the default run's erasure test is tests/test_e2e_erase.py (a pruned student, through ONNX)
 def test_bilevel_lowers_leakage_of_seven_on_digits_short():
     """Short variant (unpruned student, 30 steps each with an upper step, 9 retain prompts): loose bars."""
     from toolchain.config import load_concept

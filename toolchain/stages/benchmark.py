@@ -35,7 +35,9 @@ RUNTIMES = {
     "ort": "ort",
     "coreml": "coreml",
     "qnn": "qnn",
+    "executorch": "executorch",
 }  # kind -> runtime
+PIPELINE_KINDS = ("onnx", "ort", "qnn", "executorch")  # exported folders holding a whole pipeline
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ def run(
 
     cfg, erase = settings.benchmark, list(settings.erase)
     device = load_device_profile(profile or getattr(cfg, "profile", None))  # a bad profile fails before any work
+    device.check_deliverable(ctx.chain[-1].kind)
     import torch
 
     threads = device.threads or cfg.threads
@@ -80,7 +83,8 @@ def run(
     torch_device = "cuda" if device.torch_device == "cuda" and torch.cuda.is_available() else "cpu"
     bench = _Bench(cfg, device, providers, threads, torch_device, runtimes)
     chain = ctx.chain
-    exported = [a for a in chain if a.kind in ("onnx", "ort")]
+    timed = ("onnx", "ort", "executorch", *(("qnn",) if device.runtime == "qnn-htp" else ()))
+    exported = [a for a in chain if a.kind in timed]
     warnings = _warnings(chain, erase, bench, missing)
     evaluation = _evaluation_plan(chain[0], erase, cfg)
     stages, per_label, per_label_n, samples = _judge_stages(chain, evaluation, bench)
@@ -185,19 +189,41 @@ def _judge_stages(chain: list[Artifact], evaluation: dict | None, bench: _Bench)
             "size_bytes": int(artifact.metrics.get("size_bytes", 0)),
             "wall_s": artifact.metrics.get("wall_s"),
         }
-        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort", "qnn") else {}
+        files = _pipeline_files(artifact) if artifact.kind in PIPELINE_KINDS else {}
         if evaluation and bench.measured(artifact) and (artifact.kind == "diffusers" or files):
             # a QNN folder's bulk runs its own graphs on the CPU provider; a share through the HTP below
-            ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads) if files else None
+            opener = _opener(artifact, bench)
+            ort_pipe = None
+            if files:  # every exported runtime samples through the same pipeline, opened its own way
+                ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads, open_session=opener)
             scores, judged, samples[artifact.stage] = _evaluate(artifact, evaluation, bench.cfg, ort_pipe)
             entry.update(judged)
-            if artifact.kind == "qnn":
+            if artifact.kind == "qnn" and opener is None:  # the bulk ran on the CPU provider
                 entry["htp"] = _htp_share(artifact, files, evaluation, bench.cfg)
             per_label[artifact.stage] = scores.per_label_accuracy
             per_label_n[artifact.stage] = scores.per_label_n
             del ort_pipe
         stages.append(entry)
     return stages, per_label, per_label_n, samples
+
+
+def _opener(artifact: Artifact, bench: _Bench):
+    """How the sampler opens an artifact's models: ExecuTorch programs through ExecuTorch's runtime, a
+    QNN folder on the HTP backend under a qnn-htp profile, everything else in ONNX Runtime (None)."""
+    if artifact.kind == "executorch":
+        from toolchain.runtime.executorch import executorch_opener
+
+        return executorch_opener()
+    if artifact.kind == "qnn" and bench.device.runtime == "qnn-htp":
+        from toolchain.runtime.qnn import htp_opener
+
+        return htp_opener(artifact.records["soc"], set(artifact.records["fp16_components"]))
+    return None
+
+
+def _memory(artifact: Artifact) -> str:
+    """The runtime the memory probe's child opens the artifact's models in."""
+    return "executorch" if artifact.kind == "executorch" else "onnxruntime"
 
 
 def _htp_share(artifact: Artifact, files: dict, evaluation: dict, cfg: BenchmarkConfig) -> dict:
@@ -272,28 +298,36 @@ def _torch_latency(chain: list[Artifact], pipeline_dir, bench: _Bench) -> tuple[
 
 
 def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench: _Bench):
-    """Latency of every component of an exported artifact in ONNX Runtime, and of a whole image
-    composed from them and measured end to end through the runtime's sampler. Returns (latency
-    rows, memory rows, memory specs): each component's peak RSS, and the whole image's for the
-    deliverable (the last exported artifact) only."""
+    """Latency of every component of an exported artifact in its runtime (ONNX Runtime, or
+    ExecuTorch's for its programs), and of a whole image composed from them and measured end to end
+    through the runtime's sampler. Returns (latency rows, memory rows, memory specs): each
+    component's peak RSS, and the whole image's for the deliverable (the last exported artifact)
+    only, each in a fresh process of the same runtime."""
     from benchmarks.latency import composed_image_latency, ort_latency, time_callable
     from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_session
     from toolchain.runtime.schedule import read_schedule
 
-    cfg, runtime = bench.cfg, RUNTIMES[artifact.kind]
+    cfg, runtime, opener = bench.cfg, RUNTIMES[artifact.kind], _opener(artifact, bench)
+    batch = artifact.records.get("batches", {}).get("unet", cfg.batch)  # a fixed-shape program's rows
     component_rows, memory_rows, memory_specs = [], [], []
     for component, info in artifact.metrics.get("files", {}).items():
         start = time.perf_counter()
-        session, provider = ort_session(artifact.path / info["path"], bench.threads, bench.providers)
+        if opener is None:
+            session, provider = ort_session(artifact.path / info["path"], bench.threads, bench.providers)
+        else:
+            session = opener(artifact.path / info["path"], component)
+            provider = session.get_providers()[0]
         load_ms = round((time.perf_counter() - start) * 1000.0, 3)
-        inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
+        inputs = component_inputs(pipeline_dir, component, batch, cfg.seed)
         timing = ort_latency(session, inputs, cfg.warmup, cfg.repeats)
-        batch = int(next(iter(inputs.values())).shape[0])
-        row = {"runtime": runtime, **bench.tag, "stage": artifact.stage, "component": component, "batch": batch}
+        n_rows = int(next(iter(inputs.values())).shape[0])
+        row = {"runtime": runtime, **bench.tag, "stage": artifact.stage, "component": component, "batch": n_rows}
         component_rows.append({**row, "provider": provider, "load_ms": load_ms, **timing})
+        if artifact.kind == "qnn":  # the HTP simulator's memory is no phone's
+            continue
         memory_rows.append(row)
-        spec = {"model_path": str(artifact.path / info["path"]), "component": component}
-        spec.update(pipeline_dir=str(pipeline_dir), batch=cfg.batch, providers=bench.providers)
+        spec = {"model_path": str(artifact.path / info["path"]), "component": component, "runtime": _memory(artifact)}
+        spec.update(pipeline_dir=str(pipeline_dir), batch=batch, providers=bench.providers)
         memory_specs.append(("benchmarks.memory:ort_component", {**spec, "threads": bench.threads, "seed": cfg.seed}))
         del session
     rows = list(component_rows)
@@ -310,7 +344,7 @@ def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench
         rows.append({**image_row, "method": "composed", "steps": steps, "provider": provider, **composed})
     files = _pipeline_files(artifact)
     if files:
-        ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads)
+        ort_pipe = OrtPipeline(artifact.path, files, bench.providers, bench.threads, open_session=opener)
         timing = time_callable(
             lambda pipe=ort_pipe: pipe(["a photo"], cfg.seed, cfg.eval_steps, cfg.guidance_scale),
             warmup=min(cfg.warmup, 1),
@@ -319,9 +353,10 @@ def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench
         how = {"method": "measured", "steps": steps, "guidance_scale": cfg.guidance_scale}
         rows.append({**image_row, **how, "provider": ort_pipe.provider, "load_ms": ort_pipe.load_ms, **timing})
         del ort_pipe
-    if files and deliverable:  # peak memory of the deliverable only
+    if files and deliverable and artifact.kind != "qnn":  # peak memory of the deliverable only
         memory_rows.append({**image_row, "steps": cfg.eval_steps})
         spec = {"folder": str(artifact.path), "files": files, "providers": bench.providers, "threads": bench.threads}
+        spec["runtime"] = _memory(artifact)
         spec.update(steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)
         memory_specs.append(("benchmarks.memory:ort_image", spec))
     return rows, memory_rows, memory_specs
@@ -342,6 +377,12 @@ def _side_by_side(chain: list[Artifact], pipeline_dir, bench: _Bench, ctx, warni
         warnings.append(
             "no side by side for qnn: the HTP backend here is a simulator (per-call times in the parity rows); "
             "time the context binaries on a Snapdragon phone"
+        )
+        return None
+    if deliverable.kind == "executorch":  # the source would need its own lowering (minutes) for x86 times
+        warnings.append(
+            "no side by side for executorch: its latency rows are XNNPACK on this x86 machine, not a phone's; "
+            "time the programs on the phone (the ort or onnx target's report has the speed-up over the source)"
         )
         return None
     files = _pipeline_files(deliverable) if deliverable.kind in ("onnx", "ort") else {}
@@ -438,7 +479,7 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
     """report.json's body (DESIGN.md's contract), keys in their committed order."""
     from benchmarks.latency import machine_info
 
-    device, exported = bench.device, [a for a in chain if a.kind in ("onnx", "ort", "qnn")]
+    device, exported = bench.device, [a for a in chain if a.kind in PIPELINE_KINDS]
     report = {
         "model": {
             "source": str(chain[0].files),
@@ -463,8 +504,8 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
 
         judge = get_judge(evaluation["judge"], **evaluation["options"])
         report["judge"] = judge.describe() if hasattr(judge, "describe") else {"judge": judge.name}
-    if chain[-1].kind == "qnn":  # what an app needs to load it: SoC, precisions, runtime versions
-        report["qnn"] = dict(chain[-1].records)
+    if chain[-1].kind in ("qnn", "executorch"):  # what an app needs to load it: precisions, shapes, versions
+        report[chain[-1].kind] = dict(chain[-1].records)
     if any(m.get("over_budget") for m in memory):
         report["over_budget"] = True
     return report
@@ -597,7 +638,7 @@ def _attack_stages(chain, stages, evaluation, acfg: AttackConfig, cfg: Benchmark
     found: dict[str, tuple[str, list[str]]] = {}
     guidance = cfg.guidance_scale
     for artifact, entry in zip(chain, stages, strict=True):
-        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort") else {}
+        files = _pipeline_files(artifact) if artifact.kind in ("onnx", "ort", "executorch") else {}
         if artifact.kind == "diffusers":
             pipe = load_pipeline(artifact.files)
             for label, prompts in evaluation["erase"].items():
@@ -616,7 +657,12 @@ def _attack_stages(chain, stages, evaluation, acfg: AttackConfig, cfg: Benchmark
         elif files and found:
             from toolchain.runtime.ort import OrtPipeline
 
-            ort_pipe = OrtPipeline(artifact.path, files, providers, threads)
+            opener = None
+            if artifact.kind == "executorch":  # the attacked prompts drawn through ExecuTorch's runtime
+                from toolchain.runtime.executorch import executorch_opener
+
+                opener = executorch_opener()
+            ort_pipe = OrtPipeline(artifact.path, files, providers, threads, open_session=opener)
             for label, (stage, prompts) in found.items():
 
                 def generate(batch, seed, ort_pipe=ort_pipe):

@@ -149,21 +149,17 @@ def _static_calibration(src, int8: list[str], cfg: QuantizeConfig, erase: list[s
     return calibration, parity_inputs
 
 
-def held_out_feeds(src, prompts: list[str], cfg: QuantizeConfig) -> list:
+def held_out_feeds(src, prompts: list[str], cfg: QuantizeConfig, collect=None) -> list:
     """GUIDANCE_FEEDS UNet feeds of a trajectory of the first PARITY_PROMPTS non-empty calibration
     prompts (GUIDANCE_TEXT when there are none) under the next seed, which no calibration feed came
-    from: the guidance gate's feeds and, the middle one, the int8 parity feed."""
+    from: the guidance gate's feeds and, the middle one, the int8 parity feed. `collect(src, prompts,
+    steps, guidance_scale, seed, n)` draws them (default: the ONNX folder `src` through ONNX Runtime)."""
     from export.quantize import collect_unet_calibration
 
     prompts = [p for p in prompts if p][:PARITY_PROMPTS] or list(GUIDANCE_TEXT)
-    return collect_unet_calibration(
-        src,
-        prompts,
-        steps=cfg.calibration_steps,
-        guidance_scale=cfg.calibration_guidance_scale,
-        seed=cfg.calibration_seed + 1,
-        n=GUIDANCE_FEEDS,
-    )
+    collect = collect or collect_unet_calibration
+    steps, scale = cfg.calibration_steps, cfg.calibration_guidance_scale
+    return collect(src, prompts, steps, scale, cfg.calibration_seed + 1, GUIDANCE_FEEDS)
 
 
 def held_out_feed(src, prompts: list[str], cfg: QuantizeConfig):
