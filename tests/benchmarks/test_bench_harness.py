@@ -198,7 +198,7 @@ def test_device_tests_skip_cleanly_and_are_not_collected_by_default():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert config["testpaths"] == ["tests"]  # a plain `pytest` never collects device_tests/
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "device_tests", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "device_tests", "-q", "-p", "no:cacheprovider", "-n", "0"],
         cwd=REPO,
         capture_output=True,
         text=True,
