@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import warnings
 from importlib.metadata import version
@@ -77,6 +76,7 @@ def export_executorch(
     from tqdm.auto import tqdm
 
     from export.layout import deploy_batches
+    from export.validate import check_psnr_floor
     from toolchain.runtime.executorch import require_executorch
 
     if precision not in PRECISIONS:
@@ -106,7 +106,9 @@ def export_executorch(
             "lower_s": round(lower_s, 3),
         }
         result["executorch"]["inputs"][name] = {k: [list(v.shape), str(v.dtype)] for k, v in inputs.items()}
-        _check_parity(entry)
+        check_psnr_floor(
+            entry, "through ExecuTorch (XNNPACK) vs PyTorch fp32", "executorch.precision=fp32 keeps the arithmetic"
+        )
     (out_dir / MANIFEST).write_text(json.dumps(result["executorch"], indent=2) + "\n")
     return result
 
@@ -124,28 +126,26 @@ def _record(precision: str, batches: dict) -> dict:
 
 
 def _write_shared_files(pipe, out_dir: Path) -> None:
-    """tokenizer/, scheduler/, each component's config and a generator's onestep.json, from the folder
-    `pipe` was loaded from where there is one (the files an app reads beside the programs)."""
-    from toolchain.runtime.schedule import SCHEDULE_FILE
+    """tokenizer/, scheduler/, each component's config.json (as the ONNX export writes them: no build
+    path) and a generator's onestep.json: the files an app reads beside the programs."""
+    from export.onnx import copy_generator_schedule, drop_build_paths
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-    pipe.scheduler.save_config(str(out_dir / "scheduler"))
-    for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae)):
-        (out_dir / name).mkdir(exist_ok=True)
-        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
-        config.pop("_name_or_path", None)  # a path on the build machine
-        (out_dir / name / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    source = Path(getattr(pipe, "name_or_path", None) or "")
-    if (source / SCHEDULE_FILE).is_file():
-        shutil.copy2(source / SCHEDULE_FILE, out_dir / SCHEDULE_FILE)
+    pipe.scheduler.save_pretrained(str(out_dir / "scheduler"))
+    pipe.text_encoder.config.save_pretrained(str(out_dir / "text_encoder"))
+    pipe.unet.save_config(str(out_dir / "unet"))
+    pipe.vae.save_config(str(out_dir / "vae_decoder"))
+    drop_build_paths(out_dir)
+    copy_generator_schedule(pipe, out_dir)
 
 
 def _modules(pipe) -> dict:
-    """The three modules in the layout's signatures, in eval mode, at batch 1 where a generator needs it."""
+    """The three modules in the layout's signatures (the ONNX exporter's wrappers for the UNet, at batch
+    1 where a generator needs it, and the VAE decoder; the text encoder's last hidden state alone), in eval mode."""
     import torch
 
-    from toolchain.models.rebuild import allow_batch_one
+    from export.onnx import UNetForExport, VaeDecoderForExport
 
     class TextEncoder(torch.nn.Module):
         def __init__(self, text_encoder):
@@ -155,26 +155,10 @@ def _modules(pipe) -> dict:
         def forward(self, input_ids):
             return self.text_encoder(input_ids, return_dict=False)[0]
 
-    class Unet(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = allow_batch_one(unet)
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent_sample):
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
     modules = {
         "text_encoder": TextEncoder(pipe.text_encoder),
-        "unet": Unet(pipe.unet),
-        "vae_decoder": VaeDecoder(pipe.vae),
+        "unet": UNetForExport(pipe.unet),
+        "vae_decoder": VaeDecoderForExport(pipe.vae),
     }
     return {name: module.float().eval() for name, module in modules.items()}
 
@@ -182,7 +166,7 @@ def _modules(pipe) -> dict:
 def _inputs(pipe, name: str, rows: int, parity_feed, prompt: str) -> dict[str, np.ndarray]:
     """The component's example and parity inputs at its deploy rows: the held-out feed's first
     guided pair for the UNet, the tokens of ("", prompt) for the text encoder (of prompt alone at 1 row)."""
-    from export.qnn import guided_pairs
+    from export.layout import guided_pairs
 
     rng = np.random.default_rng(0)
     config, length = pipe.unet.config, pipe.text_encoder.config.max_position_embeddings
@@ -240,7 +224,7 @@ def _quantize(program, calibration: list[dict[str, np.ndarray]], inputs: dict[st
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from export.qnn import guided_pairs
+    from export.layout import guided_pairs
 
     rows = len(inputs["sample"])
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
@@ -284,24 +268,14 @@ def _parity(module, program: Path, name: str, inputs: dict[str, np.ndarray], pre
     }
 
 
-def _check_parity(entry: dict) -> None:
-    from export.validate import ParityError
-
-    if not entry["psnr_db"] >= entry["psnr_floor_db"]:  # `not >=` so NaN fails too
-        raise ParityError(
-            f"{entry['component']}: {entry['format']} through ExecuTorch (XNNPACK) vs PyTorch fp32 PSNR "
-            f"{entry['psnr_db']:.1f} dB, below the floor {entry['psnr_floor_db']:.0f} dB "
-            f"(max abs error {entry['max_abs_err']:.3g}); executorch.precision=fp32 keeps the arithmetic"
-        )
-
-
 def executorch_unet_fn(path: Path):
     """The fixed-shape UNet program at `path` as a function of a guided feed of any number of prompts
     (N unconditional rows, then N conditional): one guided pair per call, outputs back in the feed's
     order (what `export.guidance.guidance_fidelity` compares)."""
+    from export.layout import pairwise_unet_fn
     from toolchain.runtime.executorch import ExecuTorchSession
 
-    return _paired(ExecuTorchSession(path, "unet").run)
+    return pairwise_unet_fn(ExecuTorchSession(path, "unet"))
 
 
 def torch_unet_fn(pipe):
@@ -316,16 +290,6 @@ def torch_unet_fn(pipe):
         with torch.no_grad():
             out = unet(sample, t, torch.from_numpy(feed["encoder_hidden_states"].astype(np.float32)))
         return out.float().numpy()
-
-    return run
-
-
-def _paired(run_pair):
-    from export.qnn import guided_pairs
-
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        outputs = [np.asarray(run_pair(None, pair)[0], dtype=np.float32) for pair in guided_pairs(feed)]
-        return np.concatenate([o[:1] for o in outputs] + [o[1:] for o in outputs])
 
     return run
 

@@ -562,15 +562,15 @@ def export_onnx(
 
     # Last: the pipeline's own model_index.json, as optimum writes it; its presence marks a complete folder.
     pipe.save_config(out_dir)
-    _drop_build_paths(out_dir)
+    drop_build_paths(out_dir)
     return result
 
 
-def _drop_build_paths(out_dir: Path) -> None:
+def drop_build_paths(out_dir: Path) -> None:
     """diffusers writes `_name_or_path` (the folder a model was loaded from) into saved configs: a
     path of the build machine that also made a resumed run's files differ from an uninterrupted
     one's. Deliverables carry none, so the same inputs give byte-identical folders."""
-    for file in [out_dir / "model_index.json", *out_dir.glob("*/config.json")]:
+    for file in [*out_dir.glob("model_index.json"), *out_dir.glob("*/config.json")]:
         config = json.loads(file.read_text())
         if config.pop("_name_or_path", None) is not None:
             file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -68,6 +68,7 @@ def prepare_qnn_folder(
     from tqdm.auto import tqdm
 
     from export.layout import copy_pipeline_files, deploy_batches
+    from export.validate import check_psnr_floor
     from toolchain.runtime.qnn import SOCS, qnn_device
 
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
@@ -93,7 +94,9 @@ def prepare_qnn_folder(
         files["prepare_s"] = round(time.perf_counter() - start, 3)
         result["parity"].append(entry)
         result["files"][name] = files
-        _check_parity(entry)
+        check_psnr_floor(
+            entry, "on the QNN HTP backend vs fp32 ONNX", "qnn.precision=fp16 keeps the UNet closest on the HTP"
+        )
     return result
 
 
@@ -129,6 +132,7 @@ def _parity_inputs(onnx_dir: Path, name: str, batch: int, parity_feed, prompt: s
     tokens of ("", prompt) for the text encoder (of prompt alone for a generator)."""
     from transformers import CLIPTokenizer
 
+    from export.layout import guided_pairs
     from toolchain.runtime.ort import component_inputs
 
     if name == "unet" and parity_feed is not None:
@@ -145,27 +149,14 @@ def _parity_inputs(onnx_dir: Path, name: str, batch: int, parity_feed, prompt: s
     return inputs
 
 
-def guided_pairs(feed: dict[str, np.ndarray], rows: int = 2) -> list[dict[str, np.ndarray]]:
-    """A guided feed of N prompts (N unconditional rows, then N conditional) as N feeds of `rows`
-    rows each: (unconditional i, conditional i) for rows 2, the conditional row for rows 1."""
-    n = len(feed["sample"]) // 2
-    picks = [[i, n + i] if rows == 2 else [n + i] for i in range(n)]
-    return [{k: (v[p] if np.ndim(v) >= 1 else v) for k, v in feed.items()} for p in picks]
-
-
 def htp_unet_fn(path: Path, soc: str = "SM8750", fp16: bool = False):
     """The fixed-shape UNet at `path` on the HTP backend as a function of a guided feed of any
     number of prompts (N unconditional rows, then N conditional): one guided pair per call, the
     outputs back in the feed's order (what `export.guidance.guidance_fidelity` compares)."""
+    from export.layout import pairwise_unet_fn
     from toolchain.runtime.qnn import htp_session
 
-    session = htp_session(path, soc, fp16=fp16)
-
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        outputs = [_run(session, pair) for pair in guided_pairs(feed)]
-        return np.concatenate([o[:1] for o in outputs] + [o[1:] for o in outputs])
-
-    return run
+    return pairwise_unet_fn(htp_session(path, soc, fp16=fp16))
 
 
 def _write_graph(src: Path, target: Path, inputs: dict, calibration, precision: str) -> None:
@@ -284,17 +275,6 @@ def _context_binary(target: Path, soc: str, fp16: bool) -> dict:
         "context_bytes": _bytes(target.parent, f"model{CONTEXT_SUFFIX}*"),
         "context_s": round(time.perf_counter() - start, 3),
     }
-
-
-def _check_parity(entry: dict) -> None:
-    from export.validate import ParityError
-
-    if not entry["psnr_db"] >= entry["psnr_floor_db"]:  # `not >=` so NaN fails too
-        raise ParityError(
-            f"{entry['component']}: {entry['format']} on the QNN HTP backend vs fp32 ONNX PSNR "
-            f"{entry['psnr_db']:.1f} dB, below the floor {entry['psnr_floor_db']:.0f} dB "
-            f"(max abs error {entry['max_abs_err']:.3g}); qnn.precision=fp16 keeps the UNet closest on the HTP"
-        )
 
 
 def _bytes(folder: Path, pattern: str) -> int:

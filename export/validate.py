@@ -60,6 +60,16 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> float:
     return min(20.0 * math.log10(signal_range / rmse), PSNR_CEILING_DB)
 
 
+def check_psnr_floor(entry: dict, where: str, hint: str) -> None:
+    """ParityError when a parity row's `psnr_db` is under its `psnr_floor_db` (NaN fails too); `where`:
+    the runtime and reference compared, `hint`: what the user can change."""
+    if not entry["psnr_db"] >= entry["psnr_floor_db"]:  # `not >=` so NaN fails too
+        raise ParityError(
+            f"{entry['component']}: {entry['format']} {where} PSNR {entry['psnr_db']:.1f} dB, below the floor "
+            f"{entry['psnr_floor_db']:.0f} dB (max abs error {entry['max_abs_err']:.3g}); {hint}"
+        )
+
+
 def _parity_options(ort):
     """Session options for a parity check: the graph as exported (no ONNX Runtime rewrites; the
     deliverable's own sessions are measured by the benchmark stage) and no memory arena. ORT's

@@ -155,7 +155,7 @@ def _build_executorch(precision: str, student: Path, folder: Path, calibration: 
 
 def _cpu_call_ms(folder: Path, held_out: list, repeats: int = 10) -> float:
     """Median ms of the UNet on ONNX Runtime's CPU provider at batch 2 (one guided image)."""
-    from export.qnn import guided_pairs
+    from export.layout import guided_pairs
     from toolchain.runtime.ort import ort_feed, ort_session
 
     session, _ = ort_session(folder / "unet" / "model.onnx")

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("onnxruntime_qnn")
 
-from export.qnn import guided_pairs, prepare_qnn_folder  # noqa: E402
+from export.layout import guided_pairs  # noqa: E402
+from export.qnn import prepare_qnn_folder  # noqa: E402
 from export.quantize import collect_unet_calibration  # noqa: E402
 from export.validate import ParityError  # noqa: E402
 from toolchain.artifact import Artifact  # noqa: E402

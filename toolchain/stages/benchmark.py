@@ -323,13 +323,13 @@ def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench
         n_rows = int(next(iter(inputs.values())).shape[0])
         row = {"runtime": runtime, **bench.tag, "stage": artifact.stage, "component": component, "batch": n_rows}
         component_rows.append({**row, "provider": provider, "load_ms": load_ms, **timing})
-        if artifact.kind == "qnn":  # the HTP simulator's memory is no phone's
-            continue
-        memory_rows.append(row)
-        spec = {"model_path": str(artifact.path / info["path"]), "component": component, "runtime": _memory(artifact)}
-        spec.update(pipeline_dir=str(pipeline_dir), batch=batch, providers=bench.providers)
-        memory_specs.append(("benchmarks.memory:ort_component", {**spec, "threads": bench.threads, "seed": cfg.seed}))
         del session
+        if artifact.kind != "qnn":  # the HTP simulator's memory is no phone's
+            memory_rows.append(row)
+            spec = {"model_path": str(artifact.path / info["path"]), "component": component}
+            spec.update(runtime=_memory(artifact), pipeline_dir=str(pipeline_dir), batch=batch)
+            spec.update(providers=bench.providers, threads=bench.threads, seed=cfg.seed)
+            memory_specs.append(("benchmarks.memory:ort_component", spec))
     rows = list(component_rows)
     image_row = {"runtime": runtime, **bench.tag, "stage": artifact.stage, "component": "image", "batch": 2}
     # a k-step generator (finetune.mode=sfd) runs k unguided UNet calls per image: composed from
