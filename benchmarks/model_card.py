@@ -178,7 +178,8 @@ def _how_to_load(target: str, report: dict[str, Any]) -> list[str]:
             "ONNX Runtime Mobile (Android: `com.microsoft.onnxruntime:onnxruntime-android`; iOS: the "
             "`onnxruntime-objc` pod) opens `text_encoder/model.ort`, `unet/model.ort` and `vae_decoder/model.ort` "
             "with `OrtSession`; `required_operators.config` builds a reduced runtime "
-            "(`build.py --include_ops_by_config required_operators.config`).",
+            "(`build.py --include_ops_by_config required_operators.config`; `--minimal_build extended` for "
+            'graphs saved with ONNX Runtime\'s "Runtime" optimisations, which NNAPI and the Core ML EP need).',
         ]
     elif target == "coreml":
         lines += [
@@ -206,6 +207,14 @@ def _how_to_load(target: str, report: dict[str, Any]) -> list[str]:
             f"`forward`. Inputs are positional and fixed in shape: {et.get('inputs')}. Tokenize with "
             "`tokenizer/` (CLIP BPE), step with the DDIM scheduler of `scheduler/scheduler_config.json`, divide "
             "latents by the VAE's `scaling_factor` (`vae_decoder/config.json`) before decoding.",
+        ]
+    if target in ("onnx", "ort") and report.get("fixed_shapes"):
+        fixed = report["fixed_shapes"]
+        lines += [
+            "",
+            f"Shapes are fixed (`fixed_shapes.json`), so a phone accelerator can take the graphs: rows per call "
+            f"{fixed['batches']}, inputs {fixed['inputs']}. Add `NNAPI` or `CoreML` to the session's providers; "
+            "report.md's accelerator table says how much of each graph each one takes.",
         ]
     if generator:
         lines += [

@@ -79,7 +79,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
         columns = ["stage", "component", "execution_provider", "partitions", "coverage", "nodes"]
-        lines += _table(report["usability"], columns + ["nodes_blocked_by_dynamic_shapes", "unsupported_ops"])
+        blocked = ["nodes_blocked_by_dynamic_shapes", "of_which_absent_optional_input", "unsupported_ops"]
+        accepted = ["partitions_absent_inputs_accepted", "coverage_absent_inputs_accepted"]
+        lines += _table(report["usability"], columns + blocked + accepted)
+        lines += [
+            "NNAPI and Core ML EP rows are ONNX Runtime's estimate from its op lists. It counts a node with an "
+            "absent optional input (Resize's roi) as blocked by a dynamic shape, which the providers' own "
+            "`IsInputSupported` accepts: the last two columns give the figures under that rule. QNN rows are the "
+            "session's own node assignment on the HTP backend.",
+            "",
+        ]
     return "\n".join(lines)
 
 

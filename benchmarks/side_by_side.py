@@ -11,7 +11,8 @@ at batch 2 per image), the deliverable the same, or, where it is a k-step genera
   same inputs; `speedup` = source ms / deliverable ms, `size_ratio` = deliverable bytes / source bytes;
 - `image`, `measured`: one whole image through each model's sampler (`toolchain.runtime`);
 - `image`, `composed`: text encoder + steps x UNet + VAE decoder from the component medians (for a
-  generator, its k UNet calls are taken at the batch-2 row: an upper bound of its cost).
+  generator, its k UNet calls are taken at the batch-2 row, an upper bound of its cost, unless its
+  graphs are fixed to its 1 row).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.latency import composed_image_latency, time_interleaved, turns_for
-from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_feed, ort_session
+from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_feed, ort_session, read_fixed_rows
 from toolchain.runtime.schedule import read_schedule
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -86,10 +87,13 @@ def _row(component: str, batch: int, ms: dict[str, float], sizes: dict[str, int]
 
 
 def _component_row(component, source, deliverable, pipeline_dir, cfg, providers, threads) -> dict[str, Any]:
-    """One component of both models on the same inputs, timed in turns."""
-    inputs = component_inputs(pipeline_dir, component, cfg.batch, cfg.seed)
+    """One component of both models on the same inputs, timed in turns; a fixed-shape model
+    (`fixed_shapes.json`: a k-step generator takes 1 row) at its own rows, which the row states."""
+    models = (("source", source), ("deliverable", deliverable))
+    rows = {name: read_fixed_rows(model["folder"]) or cfg.batch for name, model in models}
     calls, provider = {}, None
     for name, model in (("source", source), ("deliverable", deliverable)):
+        inputs = component_inputs(pipeline_dir, component, rows[name], cfg.seed)
         session, provider = ort_session(Path(model["folder"]) / model["files"][component]["path"], threads, providers)
         feed = ort_feed(session, inputs)
         calls[name] = lambda session=session, feed=feed: session.run(None, feed)
@@ -101,7 +105,12 @@ def _component_row(component, source, deliverable, pipeline_dir, cfg, providers,
         for name, model in (("source", source), ("deliverable", deliverable))
     }
     batch = int(next(iter(inputs.values())).shape[0])
-    return {**_row(component, batch, ms, sizes), "repeats": repeats, "provider": provider}
+    row = {**_row(component, batch, ms, sizes), "repeats": repeats, "provider": provider}
+    if rows["source"] != rows["deliverable"]:
+        row["source_batch"] = int(
+            next(iter(component_inputs(pipeline_dir, component, rows["source"]).values())).shape[0]
+        )
+    return row
 
 
 def _measured_image(source, deliverable, sampling, sizes, cfg, providers, threads) -> dict[str, Any]:

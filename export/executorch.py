@@ -43,13 +43,16 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")
+# fp32; int8: PT2E XNNPACKQuantizer (static int8 activations, per-channel weights, calibrated);
+# 8da4w: torchao's dynamic int8 activations with int4 per-channel weights on the Linear layers (the
+# attention and feed-forward projections), the convolutions left fp32: no calibration
+PRECISIONS = ("fp32", "int8", "8da4w")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 PROGRAM = "model.pte"
 MANIFEST = "executorch.json"
 # PSNR floors against PyTorch fp32: the fp32 program is the same arithmetic (measured 110+ dB); the
 # 8-bit UNet as ONNX Runtime's int8 (export.quantize.INT8_PSNR_FLOOR_DB).
-PSNR_FLOORS_DB = {"fp32": 60.0, "int8": 20.0}
+PSNR_FLOORS_DB = {"fp32": 60.0, "int8": 20.0, "8da4w": 20.0}
 
 
 def export_executorch(
@@ -93,12 +96,12 @@ def export_executorch(
     modules = _modules(pipe)
     for name in tqdm(components, desc="executorch", unit="component", disable=not progress):
         inputs = _inputs(pipe, name, batches[name], parity_feed, prompt)
-        quantized = precision == "int8" and name == "unet"
+        form = precision if name == "unet" else "fp32"
         start = time.perf_counter()
-        _lower(modules[name], inputs, calibration if quantized else None, out_dir / name / PROGRAM)
+        _lower(modules[name], inputs, calibration if form == "int8" else None, out_dir / name / PROGRAM, form)
         lower_s = time.perf_counter() - start
-        entry = _parity(modules[name], out_dir / name / PROGRAM, name, inputs, "int8" if quantized else "fp32")
-        entry["psnr_floor_db"] = floors["int8" if quantized else "fp32"]
+        entry = _parity(modules[name], out_dir / name / PROGRAM, name, inputs, form)
+        entry["psnr_floor_db"] = floors[form]
         result["parity"].append(entry)
         result["files"][name] = {
             "path": f"{name}/{PROGRAM}",
@@ -116,7 +119,7 @@ def export_executorch(
 def _record(precision: str, batches: dict) -> dict:
     return {
         "precision": precision,
-        "quantized_components": ["unet"] if precision == "int8" else [],
+        "quantized_components": ["unet"] if precision != "fp32" else [],
         "delegate": "XNNPACK",
         "batches": batches,
         "inputs": {},
@@ -192,14 +195,17 @@ def _inputs(pipe, name: str, rows: int, parity_feed, prompt: str) -> dict[str, n
     return {"latent_sample": rng.standard_normal((1, pipe.vae.config.latent_channels, *size), dtype=np.float32)}
 
 
-def _lower(module, inputs: dict[str, np.ndarray], calibration, target: Path) -> None:
+def _lower(module, inputs: dict[str, np.ndarray], calibration, target: Path, form: str = "fp32") -> None:
     """`module` exported at the shapes of `inputs`, PT2E-quantized for XNNPACK when `calibration` is
-    given, lowered to the XNNPACK delegate and written to `target` (through a temporary file)."""
+    given (int8) or its Linear layers 8da4w-quantized by torchao (on a copy), lowered to the XNNPACK
+    delegate and written to `target` (through a temporary file)."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     args = tuple(torch.from_numpy(v) for v in inputs.values())
+    if form == "8da4w":
+        module = _dynamic_int4(module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", FutureWarning
@@ -212,6 +218,27 @@ def _lower(module, inputs: dict[str, np.ndarray], calibration, target: Path) -> 
     scratch = target.with_name(f".{target.name}.tmp")
     scratch.write_bytes(lowered.buffer)
     scratch.replace(target)
+
+
+def _dynamic_int4(module):
+    """A copy of `module` with torchao's 8da4w on every Linear XNNPACK can take: int8 activations
+    quantized per token at run time, int4 weights per output channel (XNNPACK's qd8-f32-qc4w
+    kernels, which need an input width that is a multiple of 32: a pruned layer's odd width stays fp32)."""
+    import copy
+
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    quantized = copy.deepcopy(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchao's tensor-subclass notices, one per layer
+        quantize_(
+            quantized,
+            Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0)),
+            filter_fn=lambda m, _name: isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0,
+        )
+    return quantized
 
 
 def _quantize(program, calibration: list[dict[str, np.ndarray]], inputs: dict[str, np.ndarray]):

@@ -160,47 +160,45 @@ def htp_unet_fn(path: Path, soc: str = "SM8750", fp16: bool = False):
 
 
 def _write_graph(src: Path, target: Path, inputs: dict, calibration, precision: str) -> None:
-    """`src` preprocessed for QNN, QDQ-quantized when `calibration` is given, shapes fixed to `inputs`."""
+    """`src` preprocessed for QNN, QDQ-quantized when `calibration` is given, shapes fixed to `inputs`;
+    weights past protobuf's 2 GiB (an fp32 SD-1.5 UNet) stay in `model.onnx_data`."""
     import onnx
+    from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
+
+    from export.fixed_shapes import EXTERNAL_DATA_NAME, fix_graph, fix_shapes
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    external = (src.parent / EXTERNAL_DATA_NAME).is_file()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".qnn-") as scratch:
+        graph = Path(scratch) / "pre" / "model.onnx"
+        graph.parent.mkdir()
+        if not qnn_preprocess_model(str(src), str(graph), save_as_external_data=external,
+                                    all_tensors_to_one_file=True, external_data_location=EXTERNAL_DATA_NAME):  # fmt: skip
+            graph = src
+        if not calibration:  # a float graph: its shape arithmetic folded too, which the HTP then needs not run
+            fix_graph(graph, target.parent, inputs, rewrite_expand=False)
+            return
+        quantized = _quantize_qdq(graph, Path(scratch) / "qdq.onnx", calibration, precision)
+        model = onnx.load(str(quantized))
+        fix_shapes(model, inputs)
+        onnx.save(model, str(target))  # a QDQ graph as quantized: ONNX Runtime's folding would dequantize its weights
+
+
+def _quantize_qdq(graph: Path, target: Path, calibration, precision: str) -> Path:
+    """QNN's QDQ form of `graph` (`get_qnn_qdq_config`): uint8 per-channel weights, uint16 (w8a16)
+    or uint8 activations, calibrated on `calibration`."""
     from onnxruntime.quantization import QuantType, quantize_static
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     from export.quantize import _FeedReader
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".qnn-") as scratch:
-        graph = Path(scratch) / "pre.onnx"
-        if not qnn_preprocess_model(str(src), str(graph)):
-            graph = src
-        if calibration:
-            activations = QuantType.QUInt16 if precision == "w8a16" else QuantType.QUInt8
-            config = get_qnn_qdq_config(
-                str(graph), _FeedReader(calibration), activation_type=activations, weight_type=QuantType.QUInt8,
-                per_channel=True,
-            )  # fmt: skip
-            quantized = Path(scratch) / "qdq.onnx"
-            quantize_static(str(graph), str(quantized), **_static_kwargs(config))
-            graph = quantized
-        model = onnx.load(str(graph))
-        _fix_shapes(model, inputs)
-        if calibration:  # a QDQ graph as quantized: ONNX Runtime's folding would dequantize its weights
-            onnx.save(model, str(target))
-        else:
-            fixed = Path(scratch) / "fixed.onnx"
-            onnx.save(model, str(fixed))
-            _fold_shape_arithmetic(fixed, target)
-
-
-def _fold_shape_arithmetic(src: Path, target: Path) -> None:
-    """ONNX Runtime's basic (provider-independent) graph optimisations on a fixed-shape graph: the
-    Shape/Gather/Concat arithmetic becomes constants, which phone accelerators then take (digits UNet,
-    Core ML EP: 33% of nodes in 115 partitions before, 98.7% in 21 after)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    activations = QuantType.QUInt16 if precision == "w8a16" else QuantType.QUInt8
+    config = get_qnn_qdq_config(
+        str(graph), _FeedReader(calibration), activation_type=activations, weight_type=QuantType.QUInt8,
+        per_channel=True,
+    )  # fmt: skip
+    quantize_static(str(graph), str(target), **_static_kwargs(config))
+    return target
 
 
 def _static_kwargs(config) -> dict:
@@ -211,16 +209,6 @@ def _static_kwargs(config) -> dict:
 
     accepted = set(inspect.signature(quantize_static).parameters) - {"model_input", "model_output"}
     return {k: v for k, v in vars(config).items() if k in accepted}
-
-
-def _fix_shapes(model, inputs: dict[str, np.ndarray]) -> None:
-    """Every graph input fixed to the shape of its example in `inputs`, outputs inferred."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
-
-    for graph_input in model.graph.input:
-        if graph_input.name in inputs:
-            make_input_shape_fixed(model.graph, graph_input.name, list(np.shape(inputs[graph_input.name])))
-    fix_output_shapes(model)
 
 
 def _htp_parity(reference: Path, target: Path, name: str, inputs: dict, soc: str, fp16: bool, precision: str) -> dict:

@@ -21,6 +21,8 @@ WRITERS = {
     # its rows carry export.guidance's per-band entries as that module writes them
     "phone-runtimes.json": ["benchmarks/studies/phone_runtimes.py", "export/guidance.py"],
     "int8-speed.json": ["benchmarks/studies/int8_speed.py"],
+    # each row is export_sd15.run_child's measurement of a phone_sd15 child
+    "phone-sd15.json": ["benchmarks/studies/phone_sd15.py", "benchmarks/studies/export_sd15.py"],
 }
 # results whose .md is rendered from the .json by the writer's `to_markdown`, plus the hand-written section
 RENDERED = {"attack-digits": "benchmarks.studies.attack_digits", "onestep-digits": "benchmarks.studies.onestep_digits"}
@@ -28,6 +30,7 @@ RENDERED["finetune-digits"] = "benchmarks.studies.finetune_digits"
 RENDERED["decoder"] = "benchmarks.studies.decoder"
 RENDERED["chain-sd15"] = "benchmarks.studies.chain_sd15"
 RENDERED["phone-runtimes"] = "benchmarks.studies.phone_runtimes"
+RENDERED["phone-sd15"] = "benchmarks.studies.phone_sd15"
 RESULT_FILES = sorted(p.name for p in RESULTS.glob("*.json"))
 # Results recorded before the studies moved to benchmarks/studies/ name their script by its old
 # module path, as the code that wrote them did; the JSON stays as written, this resolves the name.

@@ -460,6 +460,9 @@ class ExportConfig:
     # --target ort: "Fixed" bakes CPU-provider optimisations into the .ort files (ONNX Runtime's
     # advice for mobile); "Runtime" saves them for replay with NNAPI / Core ML execution providers
     ort_optimization: Literal["Fixed", "Runtime"] = "Fixed"
+    # every graph fixed to the rows the app feeds (a guided pair per UNet call, one image per VAE
+    # decode) with its shape arithmetic folded, what NNAPI / the Core ML EP take (export/fixed_shapes.py)
+    fixed_shapes: bool = False
 
     def __post_init__(self):
         if self.opset < 14:
@@ -601,7 +604,7 @@ class QnnConfig:
             raise ConfigError(f"qnn.psnr_floor_db keys {bad}: choose from {list(QNN_PRECISIONS)}")
 
 
-EXECUTORCH_PRECISIONS = ("fp32", "int8")
+EXECUTORCH_PRECISIONS = ("fp32", "int8", "8da4w")
 
 
 @dataclass(frozen=True)
@@ -611,8 +614,9 @@ class ExecuTorchConfig:
 
     # The UNet's precision. fp32 by default: XNNPACK's 8-bit UNet (PT2E, int8 activations) keeps 20+ dB
     # output parity but crushes the guidance signal as ORT's uint8 int8 does (digits UNet:
-    # benchmarks/results/phone-runtimes.md), which the guidance gate refuses
-    precision: Literal["fp32", "int8"] = "fp32"
+    # benchmarks/results/phone-runtimes.md), which the guidance gate refuses. 8da4w: torchao's dynamic
+    # int8 activations + int4 weights on the Linear layers only (no calibration)
+    precision: Literal["fp32", "int8", "8da4w"] = "fp32"
     psnr_floor_db: dict[str, float] = field(default_factory=dict)  # per precision, over export.executorch's floors
 
     def __post_init__(self):

@@ -206,15 +206,16 @@ def export_target(target: str, config: str, seed: int, out_dir: str, threads: in
 
 def run_target(target: str, args, out_dir: Path) -> dict:
     """One fresh child per target; its peak RSS (VmHWM) and the polled peak of its process tree."""
+    kwargs = {"target": target, "config": str(args.config_path), "seed": args.seed, "out_dir": str(out_dir)}
+    return run_child("benchmarks.studies.export_sd15:export_target", {**kwargs, "threads": args.threads}, args.timeout)
+
+
+def run_child(fn: str, kwargs: dict, timeout: float) -> dict:
+    """`fn(**kwargs)` in a fresh child (`python -m benchmarks.memory`): its result with the wall time,
+    the child's peak RSS (VmHWM) and the polled peak RSS of its process tree."""
     import psutil  # a dependency of accelerate
 
-    spec = ["benchmarks.studies.export_sd15:export_target", {
-        "target": target,
-        "config": str(args.config_path),
-        "seed": args.seed,
-        "out_dir": str(out_dir),
-        "threads": args.threads,
-    }]  # fmt: skip
+    target, spec = fn.rsplit(":", 1)[-1], [fn, kwargs]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryFile("w+") as stdout:
@@ -233,16 +234,16 @@ def run_target(target: str, args, out_dir: Path) -> dict:
             except psutil.Error:  # a process ended between listing and reading
                 pass
             tree_peak = max(tree_peak, total)
-            if time.perf_counter() - start > args.timeout:
+            if time.perf_counter() - start > timeout:
                 process.kill()
                 process.wait()
-                raise TimeoutError(f"{target}: export ran past --timeout {args.timeout} s")
+                raise TimeoutError(f"{target}: ran past --timeout {timeout} s")
             time.sleep(POLL_S)
         wall_s = time.perf_counter() - start
         stdout.seek(0)
         text = stdout.read()
     if process.returncode != 0:
-        raise RuntimeError(f"{target}: export child exited {process.returncode} (see its stderr above)")
+        raise RuntimeError(f"{target}: child exited {process.returncode} (see its stderr above)")
     child = json.loads(text.strip().splitlines()[-1])
     row = child["result"]
     row["wall_s"] = round(wall_s, 1)

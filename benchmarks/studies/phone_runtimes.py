@@ -11,13 +11,16 @@ for QNN rows its own fixed-shape graphs there, i.e. simulated quantization), lea
 `--htp-images` images drawn through the HTP itself with the judge's agreement with the CPU on the
 same seeds, folder size, and the UNet's per-call time (CPU: ORT at the machine's threads; QNN: the
 HTP *simulator*, no phone's latency). ExecuTorch rows lower the same student from PyTorch
-(`--student`, its diffusers folder) with the XNNPACK delegate, fp32 or with the UNet 8-bit (PT2E,
-calibrated on the same trajectories), and are judged with every image drawn through ExecuTorch's
+(`--student`, its diffusers folder) with the XNNPACK delegate, fp32, with the UNet 8-bit (PT2E,
+calibrated on the same trajectories) or 8da4w (torchao: dynamic int8 activations, int4 weights, on
+the Linear layers), and are judged with every image drawn through ExecuTorch's
 runtime (XNNPACK on x86, not a phone's time). Gates are off here: the study measures what they judge.
 
     python -m benchmarks.studies.phone_runtimes --export runs/compress/03-export --out benchmarks/results/phone-runtimes
     python -m benchmarks.studies.phone_runtimes --export runs/compress/03-export --student runs/compress/02-finetune \
         --rows executorch-fp32 executorch-int8 --merge --out benchmarks/results/phone-runtimes
+    python -m benchmarks.studies.phone_runtimes --export runs/compress/03-export --student runs/compress/02-finetune \
+        --rows executorch-8da4w --merge --out benchmarks/results/phone-runtimes
 
 `--merge` keeps the rows of OUT.json this command does not measure (each row names the command that measured it).
 """
@@ -37,7 +40,10 @@ import numpy as np
 
 from benchmarks.studies.digits_erase import handwritten_section, write_result
 
-ROWS = ("ort-fp32", "ort-w8a8", "ort-w8a16", "qnn-fp16", "qnn-w8a16", "qnn-w8a8", "executorch-fp32", "executorch-int8")
+ROWS = (
+    "ort-fp32", "ort-w8a8", "ort-w8a16", "qnn-fp16", "qnn-w8a16", "qnn-w8a8",
+    "executorch-fp32", "executorch-int8", "executorch-8da4w",
+)  # fmt: skip
 FILES = {c: f"{c}/model.onnx" for c in ("text_encoder", "unet", "vae_decoder")}
 PROGRAMS = {c: f"{c}/model.pte" for c in FILES}  # an ExecuTorch folder's
 
@@ -147,7 +153,7 @@ def _build_executorch(precision: str, student: Path, folder: Path, calibration: 
 
     result = export_executorch(
         load_pipeline(student), folder, precision, calibration if precision == "int8" else None,
-        held_out[len(held_out) // 2], psnr_floors_db={"fp32": 0.0, "int8": 0.0}, progress=False,
+        held_out[len(held_out) // 2], psnr_floors_db={"fp32": 0.0, "int8": 0.0, "8da4w": 0.0}, progress=False,
     )  # fmt: skip
     (unet,) = [r for r in result["parity"] if r["component"] == "unet"]
     return folder, executorch_unet_fn(folder / "unet" / "model.pte"), unet["call_ms"]

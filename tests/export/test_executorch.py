@@ -126,6 +126,33 @@ def test_8bit_unet_keeps_parity_and_its_guidance_is_measured(tiny_sd_dir, tmp_pa
     assert not (tmp_path / "none").exists()
 
 
+def test_8da4w_quantizes_the_linear_layers_to_int4_and_runs_through_xnnpack(tmp_path):
+    """torchao's 8da4w on the Linear layers of a block (an attention projection's shape): the program
+    holds int4 weights (under a quarter of fp32's bytes), runs through ExecuTorch's runtime as the
+    quantized PyTorch module does, and leaves the source module fp32."""
+    import torch
+
+    from export.executorch import _dynamic_int4, _lower
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    before = [p.clone() for p in block.parameters()]
+    inputs = {"x": np.random.default_rng(0).standard_normal((2, 16, 64)).astype(np.float32)}
+    _lower(block, inputs, None, tmp_path / "fp32.pte")
+    _lower(block, inputs, None, tmp_path / "q.pte", "8da4w")
+    assert all(torch.equal(a, b) for a, b in zip(before, block.parameters(), strict=True))
+    fp32_weights = sum(p.numel() * 4 for p in block.parameters())
+    assert (tmp_path / "q.pte").stat().st_size < (tmp_path / "fp32.pte").stat().st_size - 0.7 * fp32_weights
+    with torch.no_grad():
+        reference = block(torch.from_numpy(inputs["x"])).numpy()
+        quantized = _dynamic_int4(block)(torch.from_numpy(inputs["x"])).numpy()
+    out = ExecuTorchSession(tmp_path / "q.pte", "block").run(None, {"input_0": inputs["x"]})[0]
+    assert (
+        np.abs(out - quantized).max() < 0.1 * np.abs(out - reference).max() + 1e-3
+    )  # the runtime runs what torchao made
+    assert 0 < np.abs(out - reference).max() < 0.5  # int4 weights: close to fp32, not equal
+
+
 def test_cli_refuses_bad_executorch_input_before_any_work(tiny_sd_dir, tmp_path, capsys, monkeypatch):
     from toolchain.runtime import executorch as runtime
 

@@ -129,8 +129,12 @@ def test_stage_records_guidance_through_the_htp(tiny_onnx, tmp_path):
     assert json.loads((ctx.out_dir / "model_index.json").read_text())  # the pipeline files travel along
     usability = artifact.metrics["usability"]
     assert {(r["component"], r["execution_provider"]) for r in usability} == {
-        (c, ep) for c in ("text_encoder", "unet", "vae_decoder") for ep in ("NNAPI", "CoreML (ML Program)")
+        (c, ep) for c in ("text_encoder", "unet", "vae_decoder") for ep in ("NNAPI", "CoreML (ML Program)", "QNN (HTP)")
     }
+    # the QNN EP's own assignment: every node of the qnn graphs on the HTP
+    assert all(
+        r["partitions"] == 1 and r["coverage"] == 1.0 for r in usability if r["execution_provider"] == "QNN (HTP)"
+    )
 
 
 def test_cli_refuses_bad_qnn_settings_before_any_work(tiny_sd_dir, tmp_path, capsys):

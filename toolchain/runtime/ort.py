@@ -15,6 +15,8 @@ import numpy as np
 from toolchain.runtime.sampler import DEFAULT_BATCH_SIZE, DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, Generator, sample
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# beside a fixed-shape folder's graphs: the shapes the app must feed (export/fixed_shapes.py)
+FIXED_SHAPES_FILE = "fixed_shapes.json"
 NP_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -30,7 +32,9 @@ def component_inputs(pipeline_dir: Path, component: str, batch: int, seed: int =
     text_encoder: input_ids (batch, max_length) int64
     unet: sample (batch, C, h, w), timestep (batch,), encoder_hidden_states (batch, max_length, D)
     vae_decoder: latent_sample (batch // 2 or 1, C, h, w)  -- one image per guided pair
+    A fixed-shape folder (`fixed_shapes.json`) gets its own UNet rows whatever `batch` says.
     """
+    batch = read_fixed_rows(pipeline_dir) or batch
     rng = np.random.default_rng(seed)
     unet = read_config(pipeline_dir, "unet")
     text = read_config(pipeline_dir, "text_encoder")
@@ -58,6 +62,12 @@ def component_inputs(pipeline_dir: Path, component: str, batch: int, seed: int =
             "latent_sample": rng.standard_normal((max(1, batch // 2), vae["latent_channels"], *size)).astype(np.float32)
         }
     raise ValueError(f"no example inputs for component {component!r}")
+
+
+def read_fixed_rows(folder: Path) -> int | None:
+    """The UNet rows per call a fixed-shape folder takes (its `fixed_shapes.json`), else None."""
+    path = Path(folder) / FIXED_SHAPES_FILE
+    return int(json.loads(path.read_text())["batches"]["unet"]) if path.is_file() else None
 
 
 def read_config(pipeline_dir: Path, component: str) -> dict:

@@ -304,11 +304,12 @@ def _exported_latency(artifact: Artifact, deliverable: bool, pipeline_dir, bench
     component's peak RSS, and the whole image's for the deliverable (the last exported artifact)
     only, each in a fresh process of the same runtime."""
     from benchmarks.latency import composed_image_latency, ort_latency, time_callable
-    from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_session
+    from toolchain.runtime.ort import OrtPipeline, component_inputs, ort_session, read_fixed_rows
     from toolchain.runtime.schedule import read_schedule
 
     cfg, runtime, opener = bench.cfg, RUNTIMES[artifact.kind], _opener(artifact, bench)
-    batch = artifact.records.get("batches", {}).get("unet", cfg.batch)  # a fixed-shape program's rows
+    # a fixed-shape program's rows
+    batch = artifact.records.get("batches", {}).get("unet") or read_fixed_rows(artifact.path) or cfg.batch
     component_rows, memory_rows, memory_specs = [], [], []
     for component, info in artifact.metrics.get("files", {}).items():
         start = time.perf_counter()
@@ -419,6 +420,7 @@ def _source_export(chain: list[Artifact], ctx) -> tuple:
         "opset": onnx.records.get("opset"),
         "components": sorted(onnx.metrics.get("files", {})),
         "optimization_style": style,
+        "fixed_shapes": "fixed_shapes" in onnx.records,  # timed as the deliverable: folding alone is faster
         "version": SOURCE_EXPORT_VERSION,
         "libraries": [torch.__version__, onnxruntime.__version__, optimum.version.__version__],
     }
@@ -439,6 +441,10 @@ def _export_source(source: Artifact, tmp, key: dict, progress: bool) -> dict:
     pipe = load_pipeline(source.files)
     result = export_onnx(pipe, tmp / "onnx", opset=key["opset"], components=tuple(key["components"]), progress=progress)
     del pipe
+    if key["fixed_shapes"]:
+        from export.fixed_shapes import fix_folder
+
+        fix_folder(tmp / "onnx", generator=False, progress=progress)  # the source samples with guidance
     if key["format"] != "ort":
         return {"folder": "onnx", "files": result["files"]}
     from export.ort import convert_to_ort
@@ -506,6 +512,9 @@ def _report(settings: BenchmarkSettings, chain, bench: _Bench, stages, latency, 
         report["judge"] = judge.describe() if hasattr(judge, "describe") else {"judge": judge.name}
     if chain[-1].kind in ("qnn", "executorch"):  # what an app needs to load it: precisions, shapes, versions
         report[chain[-1].kind] = dict(chain[-1].records)
+    fixed = next((a.records["fixed_shapes"] for a in exported if "fixed_shapes" in a.records), None)
+    if fixed and chain[-1].kind in ("onnx", "ort"):  # the shapes the app must feed
+        report["fixed_shapes"] = fixed
     if any(m.get("over_budget") for m in memory):
         report["over_budget"] = True
     return report
