@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,9 +160,9 @@ def _size(folder: str) -> dict:
     return {"output_bytes": sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())}
 
 
-def run_rows(args, work: Path) -> dict:
-    """Every asked row in its own child, the result JSON rewritten after each (a later failure keeps
-    the earlier figures)."""
+def run_rows(args, work: Path) -> Iterator[dict]:
+    """Every asked row in its own child; yields the rows so far after each, for the caller to write
+    (a later failure keeps the earlier figures)."""
     onnx_dir, rows = work / "onnx", {}
     common = {"seed": args.seed}
     specs = {
