@@ -91,25 +91,20 @@ def _component_row(component, source, deliverable, pipeline_dir, cfg, providers,
     (`fixed_shapes.json`: a k-step generator takes 1 row) at its own rows, which the row states."""
     models = (("source", source), ("deliverable", deliverable))
     rows = {name: read_fixed_rows(model["folder"]) or cfg.batch for name, model in models}
-    calls, provider = {}, None
-    for name, model in (("source", source), ("deliverable", deliverable)):
+    calls, batches, provider = {}, {}, None
+    for name, model in models:
         inputs = component_inputs(pipeline_dir, component, rows[name], cfg.seed)
+        batches[name] = int(next(iter(inputs.values())).shape[0])
         session, provider = ort_session(Path(model["folder"]) / model["files"][component]["path"], threads, providers)
         feed = ort_feed(session, inputs)
         calls[name] = lambda session=session, feed=feed: session.run(None, feed)
     repeats = turns_for(calls, cfg.repeats, cfg.side_by_side_ms)
     timing = time_interleaved(calls, cfg.warmup, repeats)
     ms = {name: timing[name]["median_ms"] for name in calls}
-    sizes = {
-        name: model["files"][component]["size_bytes"]
-        for name, model in (("source", source), ("deliverable", deliverable))
-    }
-    batch = int(next(iter(inputs.values())).shape[0])
-    row = {**_row(component, batch, ms, sizes), "repeats": repeats, "provider": provider}
-    if rows["source"] != rows["deliverable"]:
-        row["source_batch"] = int(
-            next(iter(component_inputs(pipeline_dir, component, rows["source"]).values())).shape[0]
-        )
+    sizes = {name: model["files"][component]["size_bytes"] for name, model in models}
+    row = {**_row(component, batches["deliverable"], ms, sizes), "repeats": repeats, "provider": provider}
+    if batches["source"] != batches["deliverable"]:
+        row["source_batch"] = batches["source"]
     return row
 
 

@@ -166,11 +166,12 @@ def expand_as_add(model) -> int:
     from onnx import helper, numpy_helper
 
     constants = {t.name: t for t in model.graph.initializer}
-    types = _elem_types(model)
+    expands = [n for n in model.graph.node if n.op_type == "Expand" and n.input[1] in constants]
+    types = _elem_types(model) if expands else {}
     count, shapes = 0, set()
-    for node in model.graph.node:
-        shape = constants.get(node.input[1]) if node.op_type == "Expand" else None
-        dtype = types.get(node.input[0]) if shape is not None else None
+    for node in expands:
+        shape = constants[node.input[1]]
+        dtype = types.get(node.input[0])
         if dtype is None or dtype in (onnx.TensorProto.BOOL, onnx.TensorProto.STRING):
             continue
         zeros = f"{node.output[0]}_zeros"
@@ -215,10 +216,10 @@ def _run(path: Path, inputs: dict) -> list[np.ndarray]:
     """The graph's outputs as it stands (no rewrites, no arena: an SD-1.5 UNet's weights held once)."""
     import onnxruntime as ort
 
-    from export.validate import _parity_options
+    from export.validate import parity_session_options
     from toolchain.runtime.ort import ort_feed
 
-    session = ort.InferenceSession(str(path), _parity_options(ort), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), parity_session_options(ort), providers=["CPUExecutionProvider"])
     return [np.asarray(o, np.float32) for o in session.run(None, ort_feed(session, inputs))]
 
 

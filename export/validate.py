@@ -70,7 +70,7 @@ def check_psnr_floor(entry: dict, where: str, hint: str) -> None:
         )
 
 
-def _parity_options(ort):
+def parity_session_options(ort):
     """Session options for a parity check: the graph as exported (no ONNX Runtime rewrites; the
     deliverable's own sessions are measured by the benchmark stage) and no memory arena. ORT's
     layout optimisations keep a second, reordered copy of the weights, and its arena rounds every
@@ -98,7 +98,7 @@ def onnx_parity(
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(onnx_path), _parity_options(ort), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), parity_session_options(ort), providers=["CPUExecutionProvider"])
     onnx_outputs = session.run(None, inputs)
     del session
 
