@@ -31,6 +31,8 @@ RENDERED["decoder"] = "benchmarks.studies.decoder"
 RENDERED["chain-sd15"] = "benchmarks.studies.chain_sd15"
 RENDERED["phone-runtimes"] = "benchmarks.studies.phone_runtimes"
 RENDERED["phone-sd15"] = "benchmarks.studies.phone_sd15"
+RENDERED["erasure-digits"] = "benchmarks.studies.erasure_digits"
+RENDERED["bilevel-cost"] = "benchmarks.studies.bilevel_cost"
 RESULT_FILES = sorted(p.name for p in RESULTS.glob("*.json"))
 # Results recorded before the studies moved to benchmarks/studies/ name their script by its old
 # module path, as the code that wrote them did; the JSON stays as written, this resolves the name.
@@ -151,7 +153,7 @@ def test_a_merged_attack_result_records_the_single_run_that_reproduces_it():
     assert drop_option("--out /tmp/x --rows a b".split(), "--out") == ["--rows", "a", "b"]
 
 
-@pytest.mark.parametrize("name", [*STUDIES, "digits_erase"])
+@pytest.mark.parametrize("name", [*STUDIES, "digits_erase", "erasure_digits", "bilevel_cost"])
 def test_studies_find_the_files_they_name(name):
     """The studies moved one folder down: a path built from `__file__` that missed the move names
     nothing, and the study fails only when someone reruns it. Every module-level path must exist."""
