@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.studies.attack_digits import drop_option
 from benchmarks.studies.digits_erase import handwritten_section, markdown_header, write_result
-from benchmarks.studies.erasure_digits import load_group, recipe_finetune, reproducing_args, share
+from benchmarks.studies.erasure_digits import evaluate, load_group, recipe_finetune, reproducing_args
 
 ARMS = (
     "distill",
@@ -76,12 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from benchmarks.leakage import evaluate_concepts, get_judge
+    from benchmarks.leakage import get_judge
     from toolchain.config import to_dict
     from toolchain.finetune import prepare_data, training_examples
     from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
     from toolchain.pruning.channels import prune_unet_channels
-    from toolchain.runtime.pytorch import diffusers_generator
 
     pipe = load_pipeline(EMBEDDED_MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -99,12 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     for path in args.merge:
         merge_into(result, json.loads(path.read_text()), path)
 
-    def measure(unet) -> dict:
-        model = copy.copy(pipe)
-        model.unet = unet.eval()
-        scores = evaluate_concepts(diffusers_generator(model), judge, group.erase, group.retain, args.n_per_prompt, 1)
-        leak = share(round(scores.leakage["7"] * scores.leakage_n["7"]), scores.leakage_n["7"])
-        return {"leakage": leak, "retain": share(round(scores.retain_accuracy * scores.retain_n), scores.retain_n)}
+    def measure(unet) -> dict:  # erasure_digits' judging, without the held-out phrasings
+        found = evaluate(pipe, unet, dataclasses.replace(group, heldout={}), judge, args.n_per_prompt)
+        return {"leakage": found["leakage"]["7"], "retain": found["retain"]}
 
     for seed in args.seeds:
         base = recipe_finetune(args.recipe, group, seed, args.set)
