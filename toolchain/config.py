@@ -388,7 +388,9 @@ class FinetuneConfig:
 
     @property
     def unlearns(self) -> bool:
-        return self.mode != "distill"
+        """Whether the run forgets concepts (needs --erase); mode=sfd with sfd.forget_weight=0 is
+        plain one-step distillation (SiD)."""
+        return self.mode != "distill" and not (self.mode == "sfd" and self.sfd.forget_weight == 0)
 
     @property
     def sequential_unlearn_steps(self) -> int:
@@ -410,7 +412,7 @@ def check_finetune(cfg: FinetuneConfig, erase: list[str]) -> None:
     if cfg.unlearns and not erase:
         raise ConfigError(
             f"finetune.mode={cfg.mode} unlearns a concept but nothing is erased; pass --erase CONCEPT "
-            "or use finetune.mode=distill"
+            "or use finetune.mode=distill (mode=sfd: finetune.sfd.forget_weight=0 forgets nothing)"
         )
     for name in erase:
         if not load_concept(name).erase_prompts:

@@ -87,16 +87,18 @@ def recipe_finetune(recipe: str, group: Group, seed: int, sets: list[str]):
     return dataclasses.replace(resolve_finetune(cfg.finetune, erase), checkpoint_every=10**6)
 
 
-def evaluate(pipe, unet, group: Group, judge, n: int, attack=None) -> dict:
+def evaluate(pipe, unet, group: Group, judge, n: int, attack=None, generate=None) -> dict:
     """Leakage, held-out leakage, retain accuracy and FID of `pipe` with `unet`; the attacks too
-    when `attack` = (original pipe, {label: concept latents}, AttackConfig)."""
+    when `attack` = (original pipe, {label: concept latents}, AttackConfig). `generate`: the judged
+    images' generator when they come from elsewhere (an exported copy); the attacks stay white-box
+    on `pipe`."""
     from benchmarks.leakage import evaluate_concepts
     from toolchain.attacks import attack_concept
     from toolchain.runtime.pytorch import diffusers_generator
 
     model = copy.copy(pipe)
     model.unet = unet.eval()
-    generate = diffusers_generator(model)
+    generate = generate or diffusers_generator(model)
     scores = evaluate_concepts(generate, judge, group.erase, group.retain, n, seed=1)
     out = {
         "leakage": {k: counted(v, scores.leakage_n[k]) for k, v in scores.leakage.items()},
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": "python -m benchmarks.studies.erasure_digits " + " ".join(reproducing_args(argv)),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": args.threads},
-        "versions": _versions(),
+        "versions": versions(),
         "settings": settings,
         "groups": {},
     }
@@ -277,7 +279,7 @@ def brief(row: dict) -> dict:
 
 def merge_into(result: dict, other: dict, path: Path) -> None:
     """Add `other`'s groups and seeds (measured by a part run with the same settings); its command
-    is kept without its scratch `--out`."""
+    is kept without its scratch `--out`, or, where `other` was itself merged, its parts' commands."""
     from benchmarks.studies.attack_digits import drop_option
 
     if other["settings"] != json.loads(json.dumps(result["settings"])):
@@ -286,10 +288,12 @@ def merge_into(result: dict, other: dict, path: Path) -> None:
         mine = result["groups"].setdefault(name, {"seeds": {}})
         mine.setdefault("teacher", entry.get("teacher"))
         mine["seeds"].update(entry["seeds"])
-    result.setdefault("merged", []).append(" ".join(drop_option(other["command"].split(" "), "--out")))
+    parts = other.get("merged") or [" ".join(drop_option(other["command"].split(" "), "--out"))]
+    merged = result.setdefault("merged", [])
+    merged += [part for part in parts if part not in merged]
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import diffusers
     import torch
     import transformers

@@ -480,3 +480,28 @@ def test_gate_compares_attack_success_but_not_attack_wall_time():
     assert compare(report(0.1, 0.2, 99.0), report(0.1, 0.2, 10.0)) == []
     failed = [r.metric for r in compare(report(0.2, 0.3, 10.0), report(0.1, 0.2, 10.0))]
     assert failed == ["prompt_attack finetune/7", "soft_prompt_attack finetune/7"]
+
+
+@pytest.mark.parametrize("one_step", [False, True])
+def test_images_from_embeddings_are_the_samplers_images_of_those_prompts(tiny_sd_copy, one_step):
+    """The soft-prompt and inversion attacks judge images drawn from embeddings: they must be the
+    images the model's own sampler draws (for a one-step generator: one unguided call, not 25
+    guided DDIM steps), or the attack measures a model nobody ships."""
+    import numpy as np
+
+    from toolchain.attacks import PromptEncoder, generate_from_embeddings
+    from toolchain.models.io import load_pipeline
+    from toolchain.runtime.pytorch import diffusers_generator
+    from toolchain.runtime.schedule import write_schedule
+
+    if one_step:
+        write_schedule(tiny_sd_copy, [625], "epsilon")
+    pipe = load_pipeline(tiny_sd_copy)
+    prompts = ["a photo of a cat", "a dog", "a red car"]
+    cond = PromptEncoder(pipe.text_encoder, pipe.tokenizer).encode(prompts)
+    got = generate_from_embeddings(pipe, cond, seed=3, steps=4, guidance_scale=5.0)
+    expected = diffusers_generator(pipe, steps=4, guidance_scale=5.0)(prompts, 3)
+    diffusion = diffusers_generator(pipe, steps=4, guidance_scale=5.0, schedule=None)(prompts, 3)
+    assert got.shape == expected.shape == (3, 16, 16, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert (np.abs(got - diffusion).max() > 1e-3) == one_step

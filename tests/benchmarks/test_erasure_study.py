@@ -119,3 +119,18 @@ def test_groups_erase_each_digit_and_keep_the_others(name, labels, kept):
     assert len(group.retain) == kept and not set(labels) & set(group.retain)
     cfg = study.recipe_finetune("default", group, 2, ["steps=10"])
     assert (cfg.mode, cfg.seed, cfg.steps) == ("bilevel", 2, 10)  # compress --erase resolves auto to bilevel
+
+
+def test_merging_a_merged_file_keeps_the_commands_of_its_parts(tmp_path):
+    """A results file assembled from parts, merged again with a new part: the record names every
+    part that ran, not the assembled command (which never ran as one)."""
+    first = _result(_row(0))
+    first["merged"] = ["python -m benchmarks.studies.erasure_digits --groups 7 --seeds 0"]
+    new_part = _result(_row(0))
+    new_part["command"] = "python -m benchmarks.studies.erasure_digits --groups 7+1@1 --out /tmp/part"
+    new_part["groups"] = {"7+1": new_part["groups"]["7"]}
+    result = _result(_row(0)) | {"groups": {}}
+    study.merge_into(result, first, tmp_path / "a.json")
+    study.merge_into(result, new_part, tmp_path / "b.json")
+    assert result["merged"] == [first["merged"][0], "python -m benchmarks.studies.erasure_digits --groups 7+1@1"]
+    assert set(result["groups"]) == {"7", "7+1"}

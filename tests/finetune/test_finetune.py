@@ -457,7 +457,7 @@ def test_unknown_objective_names_the_valid_ones():
         trainable_parameters(torch.nn.Linear(2, 2), "attention")
 
 
-@pytest.mark.parametrize("mode", ["bilevel", "sequential", "bilevel-penalty"])
+@pytest.mark.parametrize("mode", ["bilevel", "sequential", "bilevel-penalty", "sfd"])
 def test_unlearning_without_erase_is_refused(mode):
     from toolchain.config import check_finetune
     from toolchain.finetune import check_config
@@ -469,6 +469,22 @@ def test_unlearning_without_erase_is_refused(mode):
         check_finetune(FinetuneConfig(enabled=True, mode=mode, **split), [])
     check_config(FinetuneConfig(mode="distill"), [])
     check_finetune(FinetuneConfig(enabled=True, mode="distill"), [])
+
+
+def test_one_step_distillation_that_forgets_nothing_needs_no_erase():
+    """mode=sfd with sfd.forget_weight=0 is plain one-step distillation: `--recipe one-step` without
+    --erase makes a one-step generator instead of refusing."""
+    from toolchain.config import SfdConfig, check_finetune, load_config
+    from toolchain.finetune import check_config
+
+    plain = FinetuneConfig(enabled=True, mode="sfd", sfd=SfdConfig(forget_weight=0.0))
+    check_config(plain, [])
+    check_finetune(plain, [])
+    with pytest.raises(ConfigError, match="forget_weight=0"):
+        check_finetune(load_config("one-step", "onnx", [], [])[0].finetune, [])
+    cfg, _ = load_config("one-step", "onnx", ["finetune.sfd.forget_weight=0"], [])
+    check_finetune(cfg.finetune, [])
+    assert cfg.finetune.mode == "sfd" and not cfg.finetune.unlearns
 
 
 def test_erase_concept_without_prompts_is_refused(tmp_path):

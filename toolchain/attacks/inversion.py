@@ -50,24 +50,32 @@ def concept_inversion(
 
 
 def generate_from_embeddings(pipe, cond: torch.Tensor, seed: int, steps: int, guidance_scale: float) -> np.ndarray:
-    """Images (N, H, W, 3) in [0, 1] from text embeddings cond (N, L, D), "" as the negative, with
-    initial latents drawn as `toolchain.runtime.pytorch.diffusers_generator` draws them."""
-    pipe.set_progress_bar_config(disable=True)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = pipe.unet.config.sample_size
-    shape = (len(cond), pipe.unet.config.in_channels, size, size)
-    latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    encoder = PromptEncoder(pipe.text_encoder, pipe.tokenizer)
-    uncond = encoder.encode([""] * len(cond))
-    with torch.inference_mode():
-        images = pipe(
-            prompt_embeds=cond.to(pipe.device, pipe.unet.dtype),
-            negative_prompt_embeds=uncond.to(pipe.device, pipe.unet.dtype),
-            latents=latents.to(pipe.device, pipe.unet.dtype),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=size * vae_scale,
-            width=size * vae_scale,
-            output_type="np",
-        ).images
-    return np.asarray(images, dtype=np.float32)
+    """Images (N, H, W, 3) in [0, 1] from text embeddings cond (N, L, D), "" as the negative,
+    through the runtime sampler `toolchain.runtime.pytorch.diffusers_generator` runs: the same
+    initial latents and, for a k-step generator (its folder's onestep.json), its own sampling
+    (one unguided UNet call per step; `steps` and `guidance_scale` do not apply)."""
+    from toolchain.runtime.sampler import sample
+    from toolchain.runtime.schedule import read_schedule
+
+    backend = _EmbeddingBackend(pipe, cond, read_schedule(getattr(pipe, "name_or_path", None)))
+    guidance = guidance_scale if guidance_scale > 1 else None
+    return sample(backend, [str(i) for i in range(len(cond))], seed, steps, guidance)
+
+
+class _EmbeddingBackend:
+    """A pipeline whose "prompts" are row numbers of fixed text embeddings `cond`."""
+
+    def __init__(self, pipe, cond: torch.Tensor, schedule: dict | None):
+        from toolchain.runtime.pytorch import DiffusersBackend
+
+        self.inner = DiffusersBackend(pipe, schedule=schedule)
+        self.cond, self.schedule = cond, schedule
+
+    def __getattr__(self, name):  # scheduler, shapes, device, unet, decode: the pipeline's
+        return getattr(self.inner, name)
+
+    def encode(self, prompts: list[str], guided: bool) -> torch.Tensor:
+        cond = self.cond[[int(p) for p in prompts]].to(self.inner.device, self.inner.dtype)
+        if not guided:
+            return cond
+        return torch.cat([self.inner.encode([""] * len(prompts), False).to(cond.dtype), cond])

@@ -33,7 +33,7 @@ def check_config(cfg: FinetuneConfig, erase: list[str]) -> list[ConceptConfig]:
     if cfg.unlearns and not erase:
         raise ConfigError(
             f"finetune.mode={cfg.mode} unlearns a concept but nothing is erased; pass --erase CONCEPT "
-            "or use finetune.mode=distill"
+            "or use finetune.mode=distill (mode=sfd: finetune.sfd.forget_weight=0 forgets nothing)"
         )
     concepts = [load_concept(name) for name in erase]
     for concept in concepts:
