@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                     raise SystemExit(f"merged erase {name} seed {seed}: revival differs from --revival-groups")
                 continue
             entry["seeds"][str(seed)] = run_seed(pipe, group, seed, args, judge, attack_cfg, revival)
+            result["measured_here"] = True  # this command ran: a later merge lists it among the parts
             write(result, args.out)  # after every seed: a long run that is stopped keeps what it measured
     order = [pick(spec, args.seeds)[0] for spec in args.groups]
     result["groups"] = dict(sorted(result["groups"].items(), key=lambda item: order.index(item[0])))
@@ -279,7 +280,8 @@ def brief(row: dict) -> dict:
 
 def merge_into(result: dict, other: dict, path: Path) -> None:
     """Add `other`'s groups and seeds (measured by a part run with the same settings); its command
-    is kept without its scratch `--out`, or, where `other` was itself merged, its parts' commands."""
+    is kept without its scratch `--out`. Where `other` was itself merged, its parts' commands, and
+    its own only if it measured something (an assembled file's command never ran as one)."""
     from benchmarks.studies.attack_digits import drop_option
 
     if other["settings"] != json.loads(json.dumps(result["settings"])):
@@ -288,7 +290,8 @@ def merge_into(result: dict, other: dict, path: Path) -> None:
         mine = result["groups"].setdefault(name, {"seeds": {}})
         mine.setdefault("teacher", entry.get("teacher"))
         mine["seeds"].update(entry["seeds"])
-    parts = other.get("merged") or [" ".join(drop_option(other["command"].split(" "), "--out"))]
+    own = [" ".join(drop_option(other["command"].split(" "), "--out"))]
+    parts = other.get("merged", []) + (own if other.get("measured_here", "merged" not in other) else [])
     merged = result.setdefault("merged", [])
     merged += [part for part in parts if part not in merged]
 

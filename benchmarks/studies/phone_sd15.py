@@ -241,7 +241,7 @@ def _details(rows: dict) -> list[str]:
             f"{qnn['context_bytes'] / GIB:.2f} GiB, opened from it in {qnn['open_from_context_s']} s with CPU fallback "
             "off (every node on the HTP), "
             + (f"one guided pair {qnn['htp_call_s']} s on the simulator." if "htp_call_s" in qnn else
-               "no pair run on the simulator (`--htp-pairs 0`: one SD-1.5 pair ran past 25 min here).")
+               "no pair run on the simulator (`--htp-pairs 0`).")
         )  # fmt: skip
     et = rows.get("executorch-fp32", {})
     if "lower_s" in et:
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soc", default="SM8750")
     parser.add_argument(
         "--htp-pairs", type=int, default=1, choices=(0, 1),
-        help="guided pairs run on the HTP simulator (0: compile and open only; one SD-1.5 pair took over 25 min here)",
+        help="guided pairs run on the HTP simulator (0: compile and open only; one SD-1.5 pair at an 8x8 latent took 53 min here)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -134,3 +134,8 @@ def test_merging_a_merged_file_keeps_the_commands_of_its_parts(tmp_path):
     study.merge_into(result, new_part, tmp_path / "b.json")
     assert result["merged"] == [first["merged"][0], "python -m benchmarks.studies.erasure_digits --groups 7+1@1"]
     assert set(result["groups"]) == {"7", "7+1"}
+    # a part that merged the assembled file and measured more: its parts and its own command
+    grown = new_part | {"merged": list(first["merged"]), "measured_here": True}
+    again = _result(_row(0)) | {"groups": {}}
+    study.merge_into(again, grown, tmp_path / "c.json")
+    assert again["merged"] == result["merged"]
