@@ -11,7 +11,7 @@ attacks run on the PyTorch generator the export was made from (02-finetune; expo
 the run's report) and their images come from its own one-step sampler. The teacher (25 guided
 DDIM steps) is judged once. `compress`'s own report figures (its export stage) are kept beside.
 
-    python -m benchmarks.studies.onestep_compress --groups 7 --seeds 0 1 2 \\
+    python -m benchmarks.studies.onestep_compress --groups 7 1@0 5@0 --seeds 0 1 2 \\
         --out benchmarks/results/onestep-compress
 """
 
@@ -207,6 +207,7 @@ def group_table(name: str, entry: dict) -> list[str]:
         "| compress's report: leakage, retain | targets missed | finetune s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines[1:1] = ["", f"Teacher row: {entry.get('teacher_from', 'measured')}."]
     for label in teacher["leakage"]:
         lines.append(
             f"| - | teacher | {label} | {fmt(teacher['leakage'][label])} | {fmt(teacher['heldout'][label])} | - | 1.00 "
