@@ -89,7 +89,7 @@ def judge_run(out: Path, group, judge, n: int, attack, threads: int) -> dict:
 def run_seed(name: str, seed: int, args, teacher_pipe, judge, attack_cfg) -> dict:
     from toolchain.attacks import concept_latents
 
-    group, work = load_group(name), args.work / f"{name}-{seed}"
+    group, work, threads = load_group(name), args.work / f"{name}-{seed}", args.threads
     lines = commands(name, seed, work)
     walls = {row: run_compress(argv, work / row, args.threads) for row, argv in lines.items()}
     latents = {
@@ -97,8 +97,10 @@ def run_seed(name: str, seed: int, args, teacher_pipe, judge, attack_cfg) -> dic
         for c in group.concepts
     }
     rows = {
-        "erase": judge_run(work / "erase", group, judge, args.n_per_prompt, (teacher_pipe, latents, attack_cfg), 1),
-        "distill": judge_run(work / "distill", group, judge, args.n_per_prompt, None, 1),
+        "erase": judge_run(
+            work / "erase", group, judge, args.n_per_prompt, (teacher_pipe, latents, attack_cfg), threads
+        ),
+        "distill": judge_run(work / "distill", group, judge, args.n_per_prompt, None, threads),
     }
     for row, argv in lines.items():
         argv = [a if not a.startswith(str(args.work)) else a.replace(str(args.work), "WORK") for a in argv]
