@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.studies.attack_digits import drop_option
 from benchmarks.studies.digits_erase import handwritten_section, markdown_header, write_result
-from benchmarks.studies.erasure_digits import evaluate, load_group, recipe_finetune, reproducing_args
+from benchmarks.studies.erasure_digits import digits_judging, evaluate, load_group, recipe_finetune, reproducing_args
 
 ARMS = (
     "distill",
@@ -75,16 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    from benchmarks.leakage import get_judge
     from toolchain.config import to_dict
     from toolchain.finetune import prepare_data, training_examples
-    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
     from toolchain.pruning.channels import prune_unet_channels
 
-    pipe = load_pipeline(EMBEDDED_MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    judge, group = get_judge("digits"), load_group("7")
+    pipe, judge = digits_judging(args.threads)
+    group = load_group("7")
     base0 = recipe_finetune(args.recipe, group, 0, args.set)
     settings = {"recipe": args.recipe, "set": args.set, "finetune": to_dict(base0), "prune_ratio": 0.3}
     settings |= {"every": args.every, "n_per_prompt": args.n_per_prompt, "claim": CLAIM}

@@ -160,16 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples-dir", type=Path, default=Path(tempfile.gettempdir()) / "erasure-digits-samples")
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from benchmarks.leakage import get_judge
     from toolchain.config import AttackConfig, to_dict
-    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
 
-    pipe = load_pipeline(EMBEDDED_MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    judge = get_judge("digits")
+    pipe, judge = digits_judging(args.threads)
     attack_cfg = AttackConfig(enabled=True, images_per_prompt=args.attack_images)
     settings = {
         "recipe": args.recipe,
@@ -210,6 +203,20 @@ def main(argv: list[str] | None = None) -> dict:
     order = [pick(spec, args.seeds)[0] for spec in args.groups]
     result["groups"] = dict(sorted(result["groups"].items(), key=lambda item: order.index(item[0])))
     return write(result, args.out)
+
+
+def digits_judging(threads: int):
+    """(the embedded digits pipeline, progress bars off: its UNet is the teacher; the digits judge)
+    with torch on `threads` threads: what every digits-world study judges with."""
+    import torch
+
+    from benchmarks.leakage import get_judge
+    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, get_judge("digits")
 
 
 def pick(spec: str, seeds: list[int]) -> tuple[str, list[int]]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.studies.digits_erase import handwritten_section, markdown_header, write_result
 from benchmarks.studies.erasure_digits import (
     TARGETS,
+    digits_judging,
     evaluate,
     fmt,
     load_group,
@@ -133,16 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from benchmarks.leakage import get_judge
     from toolchain.config import AttackConfig, load_config, to_dict
-    from toolchain.models.io import EMBEDDED_MODEL, load_pipeline
 
-    teacher_pipe = load_pipeline(EMBEDDED_MODEL)
-    teacher_pipe.set_progress_bar_config(disable=True)
-    judge = get_judge("digits")
+    teacher_pipe, judge = digits_judging(args.threads)
     attack_cfg = AttackConfig(enabled=True, images_per_prompt=args.attack_images)
     recipe, _ = load_config(RECIPE, "onnx", [], ["7"])
     result = {
